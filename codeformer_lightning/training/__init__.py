@@ -1,0 +1,5 @@
+"""Training utilities shared by the stage modules (no Hydra)."""
+
+from .ema import EMA
+
+__all__ = ["EMA"]
