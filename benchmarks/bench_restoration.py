@@ -12,7 +12,6 @@ are interleaved (baseline, ours, baseline, ...) so that machine load hits both a
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -32,6 +31,22 @@ from codeformer_lightning.nn import CodeFormer  # noqa: E402
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _reset_cpu_peak() -> int:
+    """Reset the process's peak-RSS mark (Linux) and return the current RSS in KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kib("VmRSS")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def _variants(device: torch.device, ref: torch.nn.Module, ours: CodeFormer, compile_: bool):
@@ -94,11 +109,11 @@ def main() -> None:
         for name, fn in variants.items():  # warm-up (and compilation)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss0 = _reset_cpu_peak()
             fn(x)
             _sync(device)
             peaks[name] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                           else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+                           else (_status_kib("VmHWM") - rss0) / 1024)
         for _ in range(args.iters):
             for name, fn in variants.items():
                 _sync(device)
@@ -111,10 +126,9 @@ def main() -> None:
         print(f"  {'variant':40s} {'s/batch':>9s} {'faces/s':>8s} {'speed-up':>8s} {'peak MiB':>9s}")
         for name, ts in times.items():
             med = statistics.median(ts)
-            mem = f"{peaks[name]:9.0f}" if device.type == "cuda" else f"{peaks[name]:9.0f}*"
-            print(f"  {name:40s} {med:9.3f} {bs / med:8.2f} {base / med:7.2f}x {mem}")
+            print(f"  {name:40s} {med:9.3f} {bs / med:8.2f} {base / med:7.2f}x {peaks[name]:9.0f}")
         if device.type != "cuda":
-            print("  * CPU: growth of the process's max RSS during the first call (0 once a larger call ran)")
+            print("  peak MiB on CPU: peak resident memory above the resident memory before the call")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ def adaptive_gan_weight(
     """``||grad recon|| / (||grad gan|| + 1e-4)`` at ``last_layer``, clamped to [0, max_weight], detached.
 
     Balances the GAN term against the reconstruction terms (Esser et al., VQGAN). Both losses must
-    still have their graphs (``retain_graph`` is used). Returns 0 outside of grad mode (validation).
+    still have their graphs (``retain_graph`` is used). Returns 0 outside of grad mode (validation)
+    and when a gradient is not finite (fp16 overflow: the GradScaler skips such a step anyway).
     """
     if not torch.is_grad_enabled() or not last_layer.requires_grad:
         return torch.zeros((), device=last_layer.device)
     recon_grad = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = recon_grad.norm() / (gan_grad.norm() + 1e-4)
+    weight = recon_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
+    weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
     return weight.clamp(0.0, max_weight).detach()

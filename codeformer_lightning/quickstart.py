@@ -1,0 +1,158 @@
+"""The quickstart: real faces that ship with scikit-image, tiny stages, and an evaluation grid.
+
+``codeformer-train experiment=quickstart`` trains stage I -> II -> III at 32 px on CPU in minutes,
+with no download and no data of the user's: :func:`build_face_folder` writes an aligned-face folder
+from scikit-image's bundled images (the 100 face crops of its LFW subset and the astronaut's face),
+and :func:`evaluate` restores held-out degraded faces at several fidelity weights ``w`` and writes
+``grid.png`` and ``metrics.csv`` / ``metrics.md`` (PSNR / SSIM per ``w``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: The first 100 images of ``skimage.data.lfw_subset()`` are faces (the other 100 are not).
+LFW_FACES = 100
+#: Face box of ``skimage.data.astronaut()`` (rows, cols), framed like the LFW crops.
+ASTRONAUT_FACE = (slice(42, 182), slice(152, 292))
+_DONE = ".complete"
+
+
+def _face_crops(seed: int) -> list[tuple[str, np.ndarray]]:
+    """``(name, (H, W, 3) uint8 RGB)`` face crops from scikit-image's bundled data (no download)."""
+    from skimage import data
+
+    faces = [
+        (f"lfw_{i:03d}", np.repeat((face * 255).round().astype(np.uint8)[..., None], 3, axis=2))
+        for i, face in enumerate(data.lfw_subset()[:LFW_FACES])
+    ]
+    # The one colour face: a few jittered crops, so colour is not a single training sample.
+    astronaut = data.astronaut()
+    rows, cols = ASTRONAUT_FACE
+    rng = np.random.default_rng(seed)
+    for k in range(8):
+        dy, dx = rng.integers(-8, 9, size=2)
+        faces.append((f"astronaut_{k}", astronaut[rows.start + dy : rows.stop + dy, cols.start + dx : cols.stop + dx]))
+    return faces
+
+
+def build_face_folder(root: str | os.PathLike, size: int = 32, num_val: int = 8, seed: int = 0) -> Path:
+    """Write ``root/train/*.png`` and ``root/val/*.png``: aligned RGB faces of ``size`` px.
+
+    Idempotent and safe when several processes call it at once (the folder is built aside and
+    moved into place; a finished folder is reused). ``num_val`` faces are held out (fixed by
+    ``seed``), always including one colour face. Returns ``root``.
+    """
+    root = Path(root)
+    if (root / _DONE).is_file():
+        return root
+    faces = _face_crops(seed)
+    rng = np.random.default_rng(seed)
+    gray = [i for i, (name, _) in enumerate(faces) if name.startswith("lfw")]
+    colour = [i for i, (name, _) in enumerate(faces) if not name.startswith("lfw")]
+    val = set(rng.choice(gray, size=num_val - 1, replace=False).tolist()) | {colour[0]}
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    for i, (name, image) in enumerate(faces):
+        split = "val" if i in val else "train"
+        (tmp / split).mkdir(exist_ok=True)
+        Image.fromarray(image).resize((size, size), Image.BICUBIC).save(tmp / split / f"{name}.png")
+    (tmp / _DONE).write_text(f"size={size} num_val={num_val} seed={seed}\n")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first (or root existed unfinished): keep one copy
+        if not (root / _DONE).is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def face_folder(root: str | os.PathLike, split: str = "train", size: int = 32, num_val: int = 8, seed: int = 0) -> str:
+    """``root/<split>``, building the folder first when needed (see :func:`build_face_folder`).
+
+    Meant as a nested ``_target_`` in data configs, so the folder exists before the data module
+    is built: ``train_dir: {_target_: codeformer_lightning.quickstart.face_folder, root: ..., split: train}``.
+    """
+    if split not in {"train", "val"}:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    return str(build_face_folder(root, size=size, num_val=num_val, seed=seed) / split)
+
+
+@torch.no_grad()
+def evaluate(
+    weights: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    data,
+    fidelities: Sequence[float] = (0.0, 0.5, 1.0),
+    adain: bool = True,
+    max_images: int = 8,
+    upscale: int = 4,
+) -> dict[str, float]:
+    """Restore held-out degraded faces at each ``w`` and write ``grid.png`` and ``metrics.{csv,md}``.
+
+    Args:
+        weights: CodeFormer weights (a stage II/III export or a published ``.pth``).
+        out_dir: where the files go.
+        data: a LightningDataModule whose ``val_dataloader()`` yields ``{"lq", "gt"}`` batches
+            ``(B,3,S,S)`` in [-1,1] (the held-out faces with synthetic degradations).
+        fidelities: the ``w`` values to restore with.
+        adain: AdaIN in the restoration (as the published inference).
+        max_images: faces in the grid (all held-out faces enter the metrics).
+        upscale: nearest-neighbour zoom of the grid (tiny faces are hard to see otherwise).
+
+    Grid rows are faces; columns: degraded input, one restoration per ``w``, ground truth. Returns
+    ``{"eval/psnr_input": ..., "eval/psnr_w0.5": ..., "eval/ssim_w0.5": ..., ...}`` (PSNR in dB, SSIM in
+    [0,1], over [0,1] images; ``input`` is the degraded face itself).
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from .checkpoints import load_pretrained
+    from .nn import CodeFormer
+    from .training import image_grid
+
+    model = load_pretrained(weights)
+    if not isinstance(model, CodeFormer):
+        raise TypeError(f"{weights}: holds a {type(model).__name__}; evaluate needs CodeFormer weights (stage II/III)")
+    data.setup("validate")
+    columns: dict[str, list[torch.Tensor]] = {"input": [], **{f"w{w:g}": [] for w in fidelities}, "gt": []}
+    for batch in data.val_dataloader():
+        lq, gt = batch["lq"].float(), batch["gt"].float()
+        columns["input"].append(lq)
+        for w in fidelities:
+            columns[f"w{w:g}"].append(model(lq, w=float(w), adain=adain).float())
+        columns["gt"].append(gt)
+    images = {name: torch.cat(parts).clamp(-1, 1) for name, parts in columns.items()}
+    gt01 = (images["gt"] + 1) / 2
+    metrics: dict[str, float] = {}
+    rows = []
+    for name in ["input", *(f"w{w:g}" for w in fidelities)]:
+        pred01 = (images[name] + 1) / 2
+        psnr = float(peak_signal_noise_ratio(pred01, gt01, data_range=1.0))
+        ssim = float(structural_similarity_index_measure(pred01, gt01, data_range=1.0))
+        metrics[f"eval/psnr_{name}"], metrics[f"eval/ssim_{name}"] = psnr, ssim
+        rows.append((name, psnr, ssim))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(list(images.values()), max_rows=max_images)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=upscale, mode="nearest")[0]
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(out / "grid.png")
+    n = images["gt"].shape[0]
+    with open(out / "metrics.csv", "w") as f:
+        f.write("restoration,psnr_db,ssim\n")
+        f.writelines(f"{name},{psnr:.3f},{ssim:.4f}\n" for name, psnr, ssim in rows)
+    with open(out / "metrics.md", "w") as f:
+        f.write(f"Held-out faces: {n}. Columns of grid.png: {' | '.join(images)}.\n\n")
+        f.write("| restoration | PSNR (dB) | SSIM |\n|---|---|---|\n")
+        f.writelines(f"| {name} | {psnr:.2f} | {ssim:.3f} |\n" for name, psnr, ssim in rows)
+    return metrics
