@@ -175,7 +175,7 @@ def _infer_published(path: Path, state: Mapping[str, torch.Tensor], config: dict
 
 
 def _ae_only(cfg: dict) -> dict:
-    allowed = {"img_size", "nf", "ch_mult", "res_blocks", "attn_resolutions", "codebook_size", "emb_dim", "beta", "norm_groups"}
+    allowed = {"img_size", "nf", "ch_mult", "res_blocks", "attn_resolutions", "codebook_size", "emb_dim", "beta", "norm_groups", "l2_normalize"}
     return {k: v for k, v in cfg.items() if k in allowed}
 
 

@@ -181,7 +181,8 @@ class VQAutoEncoder(nn.Module):
         img_size: input side S (must be divisible by ``2**(len(ch_mult)-1)``).
         nf: base channels. ch_mult: channel multiplier per level (one level per resolution).
         res_blocks: ResBlocks per level. attn_resolutions: resolutions whose levels get attention.
-        codebook_size, emb_dim, beta: see :class:`VectorQuantizer`.
+        codebook_size, emb_dim, beta, l2_normalize: see :class:`VectorQuantizer` (``l2_normalize``:
+            cosine codes, an option beyond the published model; off by default).
         norm_groups: GroupNorm groups (32 published; smaller for tiny models).
     The published model: ``VQAutoEncoder()`` (512 px, nf 64, ch_mult (1,2,2,4,4,8), latent 16x16x256).
     """
@@ -197,6 +198,7 @@ class VQAutoEncoder(nn.Module):
         emb_dim: int = 256,
         beta: float = 0.25,
         norm_groups: int = 32,
+        l2_normalize: bool = False,
     ) -> None:
         super().__init__()
         down = 2 ** (len(ch_mult) - 1)
@@ -207,11 +209,13 @@ class VQAutoEncoder(nn.Module):
             attn_resolutions=list(attn_resolutions), codebook_size=codebook_size, emb_dim=emb_dim,
             beta=beta, norm_groups=norm_groups,
         )
+        if l2_normalize:  # only when set, so published-layout configs stay exactly as they were
+            self.config["l2_normalize"] = True
         self.img_size = img_size
         self.latent_size = img_size // down
         arch = (img_size, nf, ch_mult, res_blocks, attn_resolutions, emb_dim, norm_groups)
         self.encoder = Encoder(*arch)
-        self.quantize = VectorQuantizer(codebook_size, emb_dim, beta)
+        self.quantize = VectorQuantizer(codebook_size, emb_dim, beta, l2_normalize)
         self.generator = Generator(*arch)
 
     def _check_input(self, x: torch.Tensor) -> None:

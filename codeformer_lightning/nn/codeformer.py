@@ -102,8 +102,11 @@ class CodeFormer(VQAutoEncoder):
         dim_mlp: int | None = None,
         fusion_resolutions: Sequence[int] = (32, 64, 128, 256),
         dropout: float = 0.0,
+        l2_normalize: bool = False,
     ) -> None:
-        super().__init__(img_size, nf, ch_mult, res_blocks, attn_resolutions, codebook_size, emb_dim, beta, norm_groups)
+        super().__init__(
+            img_size, nf, ch_mult, res_blocks, attn_resolutions, codebook_size, emb_dim, beta, norm_groups, l2_normalize
+        )
         dim_mlp = 2 * dim_embd if dim_mlp is None else dim_mlp
         self.config.update(
             dim_embd=dim_embd, n_head=n_head, n_layers=n_layers, dim_mlp=dim_mlp,
