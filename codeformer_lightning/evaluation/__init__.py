@@ -1,0 +1,45 @@
+"""Evaluation of restored faces: PSNR, SSIM, LPIPS, FID, ArcFace identity, landmark distance.
+
+* :func:`evaluate_folders` / :func:`evaluate_model`: library entry points (see :mod:`.metrics`).
+* :func:`write_report`: markdown/CSV/JSON tables and the fidelity-quality plot.
+* ``codeformer-evaluate``: :func:`codeformer_lightning.evaluation.cli.main`.
+"""
+
+from .arcface import IResNet, load_arcface
+from .images import ImageReadError, PairingError, pair_folders, read_image
+from .metrics import (
+    ALL_METRICS,
+    PSNR_CAP,
+    EvaluationConfig,
+    EvaluationResult,
+    MetricSuite,
+    MetricUnavailable,
+    evaluate_folders,
+    evaluate_model,
+    landmark_distance,
+    psnr,
+    ssim,
+)
+from .report import plot_over_w, write_report
+
+__all__ = [
+    "ALL_METRICS",
+    "PSNR_CAP",
+    "EvaluationConfig",
+    "EvaluationResult",
+    "IResNet",
+    "ImageReadError",
+    "MetricSuite",
+    "MetricUnavailable",
+    "PairingError",
+    "evaluate_folders",
+    "evaluate_model",
+    "landmark_distance",
+    "load_arcface",
+    "pair_folders",
+    "plot_over_w",
+    "psnr",
+    "read_image",
+    "ssim",
+    "write_report",
+]
