@@ -226,10 +226,12 @@ class CodePredictorModule(pl.LightningModule):
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # once per optimiser step (with gradient accumulation, not per micro-batch)
-        if self.global_step > int(self.ema.num_updates):
-            self.ema.update(self.net)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The EMA moves right after each optimiser step (once per step with gradient accumulation),
+        # inside the batch: checkpoint callbacks run in on_train_batch_end, so a checkpoint then holds
+        # the EMA of the same step as the weights and a resumed run continues the same average.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.net)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         net = self.ema.module

@@ -1,0 +1,258 @@
+"""``FaceDataModule``: training and validation loaders of clean faces with synthetic degradations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import TASKS, FaceDataset, ImageFolderSource
+from .degradations import PRESETS, DegradationConfig, preset
+
+log = logging.getLogger(__name__)
+
+
+class DataEpochCallback(pl.Callback):
+    """Tells the training dataset the epoch (so degradations change every epoch) and reports the
+    files skipped as unreadable at every training epoch end. ``FaceDataModule`` adds it to its
+    trainer by itself; add it explicitly only for a bare :class:`FaceDataset`."""
+
+    def __init__(self, dataset: FaceDataset | None = None) -> None:
+        self.dataset = dataset
+
+    def _dataset(self, trainer: pl.Trainer) -> FaceDataset | None:
+        if self.dataset is not None:
+            return self.dataset
+        dm = getattr(trainer, "datamodule", None)
+        return getattr(dm, "train_set", None)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dataset = self._dataset(trainer)
+        if dataset is not None:
+            dataset.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dataset = self._dataset(trainer)
+        if dataset is None:
+            return
+        skipped = dataset.skipped_names()
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            log.warning(
+                "rank %d: %d unreadable training files skipped so far: %s",
+                trainer.global_rank,
+                len(skipped),
+                shown,
+            )
+
+
+class FaceDataModule(pl.LightningDataModule):
+    """Clean aligned faces (folder or LMDB) and their degraded inputs, for every training stage.
+
+    Args:
+        train_dir / train_lmdb: training faces (exactly one of them).
+        val_dir / val_lmdb: validation faces; when neither is given, ``val_split`` faces are held out
+            of the training set (a fixed choice from ``seed``; 0: no validation).
+        image_size: S of every sample (other sizes: ``on_wrong_size``).
+        degradation: ``none`` | ``stage2`` | ``stage3_small`` | ``stage3_large`` (see ``PRESETS``).
+        task: ``restoration`` | ``colorization`` | ``inpainting``.
+        batch_size: per device. num_workers, pin_memory, persistent_workers: DataLoader options
+            (persistent workers only when ``num_workers > 0``).
+        seed: degradation seed (see ``datasets`` for the scheme). Validation samples are drawn once
+            from it (no flip, independent of the epoch) so validation numbers compare across runs.
+        latent_codes: precomputed target codes file (``codeformer-latent-codes``) of the training
+            faces; validation samples carry no ``codes``.
+        paired_small_large: stage III pairs (``lq`` small, ``lq_large`` = ``large_degradation``).
+        file_list: text file of paths relative to ``train_dir`` to use (default: all images).
+        on_wrong_size: ``resize`` (warn once per file) or ``error`` (skip the file, with a warning).
+        use_hflip: random horizontal flip of training faces (with the matching codes).
+        val_batch_size: default ``batch_size``.
+        gpu_degradation: degrade training batches on the training device after transfer
+            (:mod:`.gpu_degradations`; restoration only; JPEG approximated) instead of in the
+            workers; validation keeps the fixed numpy degradations. Draws are seeded from
+            (seed, global rank, number of batches degraded so far in this process).
+    """
+
+    def __init__(
+        self,
+        train_dir: str | os.PathLike | None = None,
+        val_dir: str | os.PathLike | None = None,
+        train_lmdb: str | os.PathLike | None = None,
+        val_lmdb: str | os.PathLike | None = None,
+        image_size: int = 512,
+        degradation: str | DegradationConfig = "stage2",
+        task: str = "restoration",
+        val_split: int = 100,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+        latent_codes: str | os.PathLike | None = None,
+        paired_small_large: bool = False,
+        large_degradation: str | DegradationConfig = "stage3_large",
+        file_list: str | os.PathLike | None = None,
+        on_wrong_size: str = "resize",
+        use_hflip: bool = True,
+        val_batch_size: int | None = None,
+        gpu_degradation: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(degradation, DegradationConfig) and degradation not in PRESETS:
+            raise ValueError(f"unknown degradation {degradation!r}; valid presets: {', '.join(PRESETS)}")
+        preset(large_degradation)
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        if gpu_degradation and task != "restoration":
+            raise ValueError(f"gpu_degradation supports task 'restoration' only, got {task!r}")
+        if (train_dir is None) == (train_lmdb is None):
+            raise ValueError(
+                "give exactly one of train_dir (a folder of aligned faces) and train_lmdb (codeformer-pack-lmdb output); "
+                f"got train_dir={train_dir!r}, train_lmdb={train_lmdb!r}"
+            )
+        if val_dir is not None and val_lmdb is not None:
+            raise ValueError("give at most one of val_dir and val_lmdb")
+        if int(batch_size) < 1 or int(num_workers) < 0 or int(val_split) < 0:
+            raise ValueError(
+                f"need batch_size >= 1, num_workers >= 0, val_split >= 0; got {batch_size}, {num_workers}, {val_split}"
+            )
+        self.save_hyperparameters(logger=False)
+        self.train_set: FaceDataset | None = None
+        self.val_set: FaceDataset | None = None
+        self._codes = None
+        self._train_source = None
+        self._train_idx: list[int] = []
+        self._gpu_batches = 0
+
+    # ------------------------------------------------------------------------- setup
+    def _source(self, folder, lmdb_path, file_list=None):
+        if lmdb_path is not None:
+            from .lmdb import LmdbSource
+
+            return LmdbSource(lmdb_path)
+        return ImageFolderSource(folder, file_list)
+
+    def _dataset(self, source, indices, fixed: bool) -> FaceDataset:
+        hp = self.hparams
+        on_device = hp.gpu_degradation and not fixed  # workers then only load, flip and pair
+        return FaceDataset(
+            source,
+            hp.image_size,
+            "none" if on_device else hp.degradation,
+            hp.task,
+            seed=hp.seed,
+            fixed=fixed,
+            use_hflip=hp.use_hflip,
+            latent_codes=None if fixed else self._codes,
+            paired_small_large=hp.paired_small_large,
+            large_degradation="none" if on_device else hp.large_degradation,
+            on_wrong_size=hp.on_wrong_size,
+            indices=indices,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self._train_source is None:
+            if hp.latent_codes is not None:
+                from ..models.latent_codes import read_latent_codes
+
+                if not Path(hp.latent_codes).is_file():
+                    raise FileNotFoundError(
+                        f"latent-code file {hp.latent_codes} not found (write it with codeformer-latent-codes)"
+                    )
+                self._codes = read_latent_codes(hp.latent_codes)
+            source = self._source(hp.train_dir, hp.train_lmdb, hp.file_list)
+            train_idx = list(range(len(source)))
+            if hp.val_dir is not None or hp.val_lmdb is not None:
+                self.val_set = self._dataset(self._source(hp.val_dir, hp.val_lmdb), None, fixed=True)
+            elif hp.val_split > 0:
+                if hp.val_split >= len(source):
+                    raise ValueError(
+                        f"val_split={hp.val_split} leaves no training faces: the training set has only {len(source)}"
+                    )
+                # a fixed choice from the seed, independent of everything else
+                held = set(
+                    np.random.default_rng([int(hp.seed), 7])
+                    .choice(len(source), hp.val_split, replace=False)
+                    .tolist()
+                )
+                self.val_set = self._dataset(source, sorted(held), fixed=True)
+                train_idx = [i for i in train_idx if i not in held]
+            self._train_source, self._train_idx = source, train_idx
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._dataset(self._train_source, self._train_idx, fixed=False)
+            self._attach_callback()
+
+    def _attach_callback(self) -> None:
+        # the epoch must reach the dataset at every epoch start: the data module has no such hook
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not any(isinstance(cb, DataEpochCallback) for cb in trainer.callbacks):
+            trainer.callbacks.append(DataEpochCallback())
+
+    # ------------------------------------------------------------------------- loaders
+    def _loader(self, dataset: FaceDataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        workers = int(self.hparams.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=bool(self.hparams.pin_memory) and torch.cuda.is_available(),
+            persistent_workers=bool(self.hparams.persistent_workers) and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # a resumed run starts mid-way: its first epoch's samples
+            self.train_set.set_epoch(trainer.current_epoch)
+        n = len(self.train_set)
+        drop_last = (
+            n >= self.hparams.batch_size
+        )  # full batches (BatchNorm-free nets would not mind, GAN stats do)
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self._train_source is None:
+            self.setup("validate")
+        if self.val_set is None:
+            warnings.warn("no validation faces (val_dir/val_lmdb not given and val_split=0)", stacklevel=2)
+            return []
+        return self._loader(
+            self.val_set,
+            self.hparams.val_batch_size or self.hparams.batch_size,
+            shuffle=False,
+            drop_last=False,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = getattr(self, "trainer", None)
+        if (
+            not self.hparams.gpu_degradation
+            or trainer is None
+            or not trainer.training
+            or not isinstance(batch, dict)
+        ):
+            return batch
+        from .gpu_degradations import degrade_batch
+
+        gt = batch["gt"]
+        state = np.random.SeedSequence([int(self.hparams.seed), int(trainer.global_rank), self._gpu_batches])
+        self._gpu_batches += 1
+        gen = torch.Generator(device=gt.device).manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
+        batch["lq"], _ = degrade_batch(gt, self.hparams.degradation, gen)
+        if "lq_large" in batch:
+            batch["lq_large"], _ = degrade_batch(gt, self.hparams.large_degradation, gen)
+        return batch
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.train_set is not None:
+            self.train_set.set_epoch(epoch)

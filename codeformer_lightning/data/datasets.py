@@ -1,0 +1,339 @@
+"""Face datasets: clean aligned faces from a folder (or LMDB) paired with synthetic degraded inputs.
+
+A dataset is an image *source* (names + encoded bytes: :class:`ImageFolderSource`, or
+:class:`~codeformer_lightning.data.lmdb.LmdbSource`) wrapped by :class:`FaceDataset`, which
+decodes, checks, flips, degrades and returns sample dicts.
+
+Seeding scheme: sample ``i`` of a training epoch ``e`` draws every random choice (flip, blur,
+factor, noise, JPEG, jitter, masks) from ``numpy.random.default_rng([seed, 0, e, i])``; a fixed
+(validation) dataset uses ``[seed, 1, i]`` regardless of the epoch. So a pair depends only on
+(seed, epoch, index): identical for identical seeds whatever the number of workers or processes,
+different for different indices, and different from one epoch to the next. Worker ids play no
+part: every index is drawn by exactly one worker of one rank per epoch, so workers never repeat
+each other's pairs. The epoch lives in a shared-memory tensor, so ``set_epoch`` in the main
+process reaches persistent workers (``FaceDataModule`` / :class:`DataEpochCallback` call it at
+every training epoch start, before the epoch's loader iterator is created).
+
+Bad files never crash a run: a file that fails to decode is reported once (a
+:class:`BadImageWarning` naming the file and the reason), marked in a shared-memory flag tensor
+(``skipped_names()`` in the main process sees the marks of all workers) and replaced by the next
+good image (cyclically; deterministic). Grayscale, palette, 16-bit (most significant byte) and
+RGBA / LA images (composited on white, as a transparent background shows on a page) become RGB
+uint8; images of the wrong size are resized (bicubic / area, with one warning per file) or, with
+``on_wrong_size="error"``, rejected like unreadable files (warning, skipped, replaced).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .degradations import (
+    DegradationConfig,
+    colorization_input,
+    degrade,
+    inpainting_input,
+    preset,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TASKS = ("restoration", "colorization", "inpainting")
+WRONG_SIZE_POLICIES = ("resize", "error")
+#: the sub-stream of the seed: training samples vary with the epoch, fixed samples do not
+_TRAIN_STREAM, _FIXED_STREAM = 0, 1
+
+
+class BadImageWarning(UserWarning):
+    """A training image could not be used (it is skipped) or was converted / resized."""
+
+
+class BadImageError(ValueError):
+    """An image cannot be decoded or used: the message names the file and the reason."""
+
+
+class ImageSource(Protocol):
+    """Names and encoded bytes of images; indexable, picklable, opened lazily in each process."""
+
+    names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def read_bytes(self, index: int) -> bytes: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, origin: str = "<bytes>") -> np.ndarray:
+    """Encoded image bytes -> ``(H, W, 3) uint8 RGB``.
+
+    Grayscale and palette images are expanded to RGB, 16/32-bit integer and float images scaled to
+    8 bit, alpha composited on white. Raises :class:`BadImageError` naming ``origin`` for
+    anything that does not decode fully (corrupt, truncated, not an image).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes everything now: truncation raises here, not later
+            return _to_rgb8(im)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(f"{origin}: image too large to decode safely ({exc})") from None
+    except Exception as exc:  # PIL raises a zoo of types for broken files (OSError, SyntaxError, ...)
+        reason = (
+            "not an image file"
+            if isinstance(exc, Image.UnidentifiedImageError)
+            else f"{type(exc).__name__}: {exc}"
+        )
+        raise BadImageError(f"{origin}: cannot decode ({reason})") from None
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        # 16-bit files decode to I;16 or I (32-bit container of 16-bit values): scale 0..65535
+        top = 65535.0 if (mode.startswith("I;16") or arr.max() > 255) else 255.0
+        if mode == "F":
+            top = 1.0 if arr.max() <= 1.0 else top
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:4] / 255.0
+        out = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)  # on white
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return np.array(im, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
+
+
+def fit_size(image: np.ndarray, size: int, origin: str, on_wrong_size: str, warned: set[str]) -> np.ndarray:
+    """``image`` at ``size x size``: resized (bicubic, area when shrinking) with one warning per
+    file, or :class:`BadImageError` when ``on_wrong_size == "error"``."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    if on_wrong_size == "error":
+        raise BadImageError(f"{origin}: image is {w}x{h} px, expected {size}x{size} (on_wrong_size='error')")
+    if origin not in warned:
+        warned.add(origin)
+        note = " (not square: aligned faces are square, the face will be stretched)" if h != w else ""
+        warnings.warn(
+            f"{origin}: image is {w}x{h} px, resized to {size}x{size}{note}", BadImageWarning, stacklevel=2
+        )
+    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_CUBIC
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
+# ----------------------------------------------------------------------------- folders
+def list_image_files(folder: str | os.PathLike, file_list: str | os.PathLike | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive; png/jpg/jpeg/webp/bmp, any case), sorted; or the
+    relative paths listed in ``file_list`` (one per line, ``#`` comments), in that order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
+    if file_list is not None:
+        lines = Path(file_list).read_text().splitlines()
+        rel = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        paths = [folder / r for r in rel]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{file_list}: {len(missing)} listed files not found under {folder}, e.g. {missing[:3]}"
+            )
+    else:
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+class ImageFolderSource:
+    """The image files under a folder (see :func:`list_image_files`); names are file stems."""
+
+    def __init__(self, folder: str | os.PathLike, file_list: str | os.PathLike | None = None) -> None:
+        self.folder = Path(folder)
+        self.paths = list_image_files(folder, file_list)
+        self.names = [p.stem for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_bytes(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+# ----------------------------------------------------------------------------- the dataset
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return t.div_(127.5).sub_(1.0)
+
+
+class FaceDataset(Dataset):
+    """Clean faces of ``source`` with on-the-fly degraded inputs.
+
+    Each sample is a dict: ``gt`` and ``lq`` ``(3, S, S) float32`` in [-1, 1], ``name`` (file stem),
+    ``index`` (the index actually delivered, differs from the requested one when a bad file was
+    replaced); ``codes`` ``(L,) long`` when ``latent_codes`` is given ("hflip" entry when the
+    sample was flipped); ``lq_large`` with ``paired_small_large`` (a ``large_degradation`` of the
+    same flipped face; ``lq`` is then the small one); ``mask`` ``(1, S, S) float`` (1 = painted)
+    for inpainting.
+
+    Args:
+        source: images (:class:`ImageFolderSource`, ``LmdbSource``).
+        image_size: S; other sizes follow ``on_wrong_size``.
+        degradation: preset name or :class:`DegradationConfig` (of ``lq``).
+        task: ``restoration`` (lq = degraded), ``colorization`` (lq = grayscale, sometimes
+            colour-cast, of the degraded face) or ``inpainting`` (brush strokes over the degraded
+            face; use degradation ``none`` for the published clean-but-masked inputs).
+        seed: see the module docstring.
+        fixed: validation mode: degradations independent of the epoch, no flip.
+        use_hflip: flip half the training samples (gt, lq and codes together).
+        indices: a subset of the source's indices (e.g. the training split).
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        image_size: int,
+        degradation: str | DegradationConfig = "stage2",
+        task: str = "restoration",
+        seed: int = 0,
+        fixed: bool = False,
+        use_hflip: bool = True,
+        latent_codes: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        paired_small_large: bool = False,
+        large_degradation: str | DegradationConfig = "stage3_large",
+        on_wrong_size: str = "resize",
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        if on_wrong_size not in WRONG_SIZE_POLICIES:
+            raise ValueError(f"on_wrong_size must be one of {WRONG_SIZE_POLICIES}, got {on_wrong_size!r}")
+        if int(image_size) < 8:
+            raise ValueError(f"image_size must be at least 8 px, got {image_size}")
+        self.source = source
+        self.image_size = int(image_size)
+        self.degradation = preset(degradation)
+        self.large_degradation = preset(large_degradation) if paired_small_large else None
+        self.task = task
+        self.seed = int(seed)
+        self.fixed = fixed
+        self.use_hflip = use_hflip and not fixed
+        self.on_wrong_size = on_wrong_size
+        self.indices = list(range(len(source))) if indices is None else [int(i) for i in indices]
+        if not self.indices:
+            raise ValueError("the dataset is empty (no indices selected)")
+        self.codes = None
+        if latent_codes is not None:
+            self.codes = {"orig": latent_codes["orig"], "hflip": latent_codes["hflip"]}
+            names = [source.names[i] for i in self.indices]
+            missing = [n for n in names if n not in self.codes["orig"] or n not in self.codes["hflip"]]
+            if missing:
+                raise KeyError(
+                    f"{len(missing)} faces have no precomputed codes in the latent-code file (e.g. {missing[:5]}): "
+                    "rewrite it with codeformer-latent-codes for this folder"
+                )
+        # shared memory: written in the main process / any worker, read everywhere
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._bad = torch.zeros(len(self.indices), dtype=torch.bool).share_memory_()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    # -- epoch and bookkeeping
+    def set_epoch(self, epoch: int) -> None:
+        """Training samples of ``epoch`` (visible to running workers too)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def skipped_names(self) -> list[str]:
+        """Files found unreadable so far (by any worker), as ``describe`` strings."""
+        return [self.source.describe(self.indices[i]) for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def rng(self, position: int) -> np.random.Generator:
+        """The generator of sample ``position`` now (see the module docstring)."""
+        if self.fixed:
+            return np.random.default_rng([self.seed, _FIXED_STREAM, position])
+        return np.random.default_rng([self.seed, _TRAIN_STREAM, self.epoch, position])
+
+    # -- loading
+    def load_clean(self, position: int) -> np.ndarray:
+        """The clean face at ``position``: ``(S, S, 3) uint8 RGB``; :class:`BadImageError` if unusable."""
+        index = self.indices[position]
+        origin = self.source.describe(index)
+        try:
+            data = self.source.read_bytes(index)
+        except (OSError, KeyError) as exc:
+            raise BadImageError(f"{origin}: cannot read ({exc})") from None
+        image = decode_image(data, origin)
+        if min(image.shape[:2]) < 2:
+            raise BadImageError(f"{origin}: image is {image.shape[1]}x{image.shape[0]} px, too small to use")
+        return fit_size(image, self.image_size, origin, self.on_wrong_size, self._warned)
+
+    def _first_good(self, position: int) -> tuple[int, np.ndarray]:
+        n = len(self.indices)
+        for step in range(n):
+            pos = (position + step) % n
+            if self._bad[pos]:
+                continue
+            try:
+                return pos, self.load_clean(pos)
+            except BadImageError as exc:
+                self._bad[pos] = True
+                warnings.warn(
+                    f"{exc}; skipped (a good image is used in its place)", BadImageWarning, stacklevel=2
+                )
+        raise RuntimeError(f"none of the {n} images of the dataset can be decoded (see the warnings above)")
+
+    def __getitem__(self, position: int) -> dict:
+        pos, clean = self._first_good(int(position))
+        # the requested position seeds the draw: a replacement sample still gets its own degradation
+        rng = self.rng(int(position))
+        flip = bool(self.use_hflip and rng.random() < 0.5)
+        if flip:
+            clean = np.ascontiguousarray(clean[:, ::-1])
+        name = self.source.names[self.indices[pos]]
+        sample: dict = {"name": name, "index": pos}
+        lq, _ = degrade(clean, self.degradation, rng)
+        if self.large_degradation is not None:
+            lq_large, _ = degrade(clean, self.large_degradation, rng)
+        if self.task == "colorization":
+            lq = colorization_input(lq, rng)
+            if self.large_degradation is not None:
+                lq_large = colorization_input(lq_large, rng)
+        elif self.task == "inpainting":
+            lq, mask = inpainting_input(lq, rng)
+            sample["mask"] = torch.from_numpy(mask[None].astype(np.float32))
+            if self.large_degradation is not None:
+                lq_large = np.where(mask[:, :, None], lq, lq_large)
+        sample["gt"] = _to_tensor(clean)
+        sample["lq"] = _to_tensor(lq)
+        if self.large_degradation is not None:
+            sample["lq_large"] = _to_tensor(lq_large)
+        if self.codes is not None:
+            sample["codes"] = self.codes["hflip" if flip else "orig"][name].long()
+        return sample

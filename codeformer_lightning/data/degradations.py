@@ -1,0 +1,545 @@
+"""Synthetic degradations of clean faces: y = JPEG_q((x * k_sigma) downsampled by r + n_delta), resized back.
+
+All functions work on ``(H, W, 3) uint8 RGB`` numpy images and draw every random choice from a
+``numpy.random.Generator`` passed in, so a dataset that derives the generator from (seed, epoch,
+index) gets reproducible pairs.
+
+Speed: blur followed by a bilinear downsample is one linear map per axis. Per axis it is a small
+matrix ``(n_out, n_in)`` (the bilinear taps of ``cv2.resize(INTER_LINEAR)`` composed with the 1-D
+blur taps and the reflect-101 border of ``cv2.filter2D``), so blur + downsample of the whole image
+is ``A @ X @ C``: BLAS products over the band of each chunk of output rows, which only ever
+evaluate the blurred image at the rows and columns the downsample reads. An isotropic Gaussian
+is exactly separable (rank 1); an anisotropic one is applied as a sum of rank-1 terms from its SVD, truncated where the dropped
+terms change no pixel by more than 0.05 grey levels (a bound). Large kernels at little or no
+downsampling (where the matrices get big) go through a few full-resolution ``sepFilter2D``
+passes on the uint8 image (OpenCV's fixed-point path), high-rank kernels (motion blur, thin
+rotated Gaussians) through ``cv2.filter2D`` (DFT-based for 41x41). Everything after the
+downsample works on the small image; noise comes from OpenCV's generator seeded by ``rng``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+#: the published kernel size (41 x 41)
+KERNEL_SIZE = 41
+#: dropped SVD terms of an anisotropic kernel may change a pixel (0..255 scale) by at most this
+#: (a worst-case bound; the result is rounded to whole grey levels afterwards)
+SVD_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class DegradationConfig:
+    """Ranges and switches of the degradation model; ``sample_params`` draws one instance.
+
+    Ranges are ``(low, high)``, sampled uniformly. ``noise_range`` is the std of Gaussian noise in
+    grey levels (``sigma/255`` on a [0,1] image). ``downsample_range`` is the factor ``r`` (1 = no
+    downsample). ``color_jitter_shift`` is the largest per-channel RGB shift in grey levels.
+    """
+
+    blur: bool = True
+    kernel_size: int = KERNEL_SIZE
+    blur_sigma: tuple[float, float] = (1.0, 15.0)
+    anisotropic_prob: float = 0.5
+    motion_blur_prob: float = 0.0
+    motion_length: tuple[int, int] = (5, 25)
+    downsample: bool = True
+    downsample_range: tuple[float, float] = (4.0, 30.0)
+    noise: bool = True
+    noise_range: tuple[float, float] = (0.0, 20.0)
+    jpeg: bool = True
+    jpeg_range: tuple[int, int] = (30, 80)
+    color_jitter_prob: float = 0.0
+    color_jitter_shift: float = 20.0
+    gray_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kernel_size % 2 != 1 or self.kernel_size < 1:
+            raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        for name in ("blur_sigma", "motion_length", "downsample_range", "noise_range", "jpeg_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}=({lo}, {hi}): low end above high end")
+        if self.blur and self.blur_sigma[0] <= 0:
+            raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma}")
+        if self.downsample and self.downsample_range[0] < 1:
+            raise ValueError(
+                f"downsample_range must be >= 1 (a factor to shrink by), got {self.downsample_range}"
+            )
+        if self.jpeg and not (1 <= self.jpeg_range[0] <= self.jpeg_range[1] <= 100):
+            raise ValueError(f"jpeg_range must lie in [1, 100], got {self.jpeg_range}")
+        for name in ("anisotropic_prob", "motion_blur_prob", "color_jitter_prob", "gray_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the degradation leaves every image unchanged (preset ``none``)."""
+        return not (self.blur or self.downsample or self.noise or self.jpeg) and not (
+            self.color_jitter_prob or self.gray_prob
+        )
+
+    def replace(self, **changes) -> DegradationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_STAGE2 = DegradationConfig(
+    blur_sigma=(1.0, 15.0),
+    downsample_range=(4.0, 30.0),
+    noise_range=(0.0, 20.0),
+    jpeg_range=(30, 80),
+    color_jitter_prob=0.3,
+    color_jitter_shift=20.0,
+    gray_prob=0.01,
+)
+_STAGE3_SMALL = _STAGE2.replace(
+    blur_sigma=(0.1, 10.0), downsample_range=(1.0, 12.0), noise_range=(0.0, 15.0), jpeg_range=(60, 100)
+)
+_NONE = DegradationConfig(blur=False, downsample=False, noise=False, jpeg=False)
+
+#: The published ranges (CodeFormer stage II / III training options).
+PRESETS: dict[str, DegradationConfig] = {
+    "none": _NONE,
+    "stage2": _STAGE2,
+    "stage3_small": _STAGE3_SMALL,
+    "stage3_large": _STAGE2,
+}
+
+
+def preset(name: str | DegradationConfig) -> DegradationConfig:
+    """The named preset (``none``, ``stage2``, ``stage3_small``, ``stage3_large``); a config passes through."""
+    if isinstance(name, DegradationConfig):
+        return name
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown degradation preset {name!r}; valid presets: {', '.join(PRESETS)}"
+        ) from None
+
+
+@dataclass
+class DegradationParams:
+    """One draw of the degradation model (``None`` / 0 where a step is off).
+
+    ``kernel``: ``(K, K)`` float64 summing to 1; ``out_size``: ``(h, w)`` of the downsampled image
+    (``scale`` = the drawn factor r; the effective factor is ``H / h``).
+    """
+
+    kernel_kind: str | None = None  # "iso", "aniso" or "motion"
+    sigma_x: float = 0.0
+    sigma_y: float = 0.0
+    theta: float = 0.0
+    motion_length: int = 0
+    kernel: np.ndarray | None = field(default=None, repr=False)
+    scale: float = 1.0
+    out_size: tuple[int, int] | None = None
+    noise_sigma: float = 0.0
+    jpeg_quality: int | None = None
+    color_shift: np.ndarray | None = None
+    gray: bool = False
+
+
+# ----------------------------------------------------------------------------- kernels
+def gaussian_kernel_1d(sigma: float, size: int = KERNEL_SIZE) -> np.ndarray:
+    """``(size,)`` float64 Gaussian taps summing to 1."""
+    x = np.arange(size) - size // 2
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def gaussian_kernel_2d(sigma_x: float, sigma_y: float, theta: float, size: int = KERNEL_SIZE) -> np.ndarray:
+    """``(size, size)`` float64 bivariate Gaussian with std ``sigma_x`` along the axis at angle ``theta``
+    (radians, from the image x axis) and ``sigma_y`` across it; sums to 1.
+
+    Rows are y (downwards), columns x.
+    """
+    r = np.arange(size) - size // 2
+    xx, yy = np.meshgrid(r, r)
+    c, s = math.cos(theta), math.sin(theta)
+    u = c * xx + s * yy  # coordinate along the rotated x axis
+    v = -s * xx + c * yy
+    k = np.exp(-0.5 * ((u / sigma_x) ** 2 + (v / sigma_y) ** 2))
+    return k / k.sum()
+
+
+def motion_kernel(length: int, angle: float, size: int = KERNEL_SIZE) -> np.ndarray:
+    """``(size, size)`` float64 line of ``length`` px through the centre at ``angle`` radians; sums to 1."""
+    length = max(1, min(int(length), size))
+    k = np.zeros((size, size), np.float32)
+    c = size // 2
+    half = (length - 1) / 2
+    dx, dy = half * math.cos(angle), half * math.sin(angle)
+    # anti-aliased line drawn at 4x sub-pixel precision (cv2 shift=2)
+    p0 = (round((c - dx) * 4), round((c - dy) * 4))
+    p1 = (round((c + dx) * 4), round((c + dy) * 4))
+    cv2.line(k, p0, p1, 1.0, 1, cv2.LINE_AA, shift=2)
+    if k.sum() <= 0:
+        k[c, c] = 1.0
+    k = k.astype(np.float64)
+    return k / k.sum()
+
+
+def sample_params(
+    cfg: DegradationConfig, rng: np.random.Generator, size: tuple[int, int]
+) -> DegradationParams:
+    """Draw one degradation for an image of ``size = (H, W)``; the order of draws is fixed."""
+    h, w = size
+    p = DegradationParams()
+    if cfg.blur:
+        lo, hi = cfg.blur_sigma
+        if cfg.motion_blur_prob and rng.random() < cfg.motion_blur_prob:
+            p.kernel_kind = "motion"
+            p.motion_length = int(rng.integers(cfg.motion_length[0], cfg.motion_length[1] + 1))
+            p.theta = float(rng.uniform(-math.pi, math.pi))
+            p.kernel = motion_kernel(p.motion_length, p.theta, cfg.kernel_size)
+        elif rng.random() < cfg.anisotropic_prob:
+            p.kernel_kind = "aniso"
+            p.sigma_x, p.sigma_y = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+            p.theta = float(rng.uniform(-math.pi, math.pi))
+            p.kernel = gaussian_kernel_2d(p.sigma_x, p.sigma_y, p.theta, cfg.kernel_size)
+        else:
+            p.kernel_kind = "iso"
+            p.sigma_x = p.sigma_y = float(rng.uniform(lo, hi))
+            g = gaussian_kernel_1d(p.sigma_x, cfg.kernel_size)
+            p.kernel = np.outer(g, g)
+    if cfg.downsample:
+        p.scale = float(rng.uniform(*cfg.downsample_range))
+        p.out_size = (max(1, round(h / p.scale)), max(1, round(w / p.scale)))
+    if cfg.noise:
+        p.noise_sigma = float(rng.uniform(*cfg.noise_range))
+    if cfg.jpeg:
+        p.jpeg_quality = int(rng.integers(cfg.jpeg_range[0], cfg.jpeg_range[1] + 1))
+    if cfg.color_jitter_prob and rng.random() < cfg.color_jitter_prob:
+        p.color_shift = rng.uniform(-cfg.color_jitter_shift, cfg.color_jitter_shift, size=3)
+    if cfg.gray_prob and rng.random() < cfg.gray_prob:
+        p.gray = True
+    return p
+
+
+# ----------------------------------------------------------------------------- blur + downsample
+def _reflect101(idx: np.ndarray, n: int) -> np.ndarray:
+    """Indices outside [0, n) mirrored like ``cv2.BORDER_REFLECT_101`` (any distance, any n >= 1)."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``(n_out, 2)`` and weights ``(n_out, 2)`` of ``cv2.resize(INTER_LINEAR)``.
+
+    Half-pixel centres, no antialiasing, edges clamped (the published pipeline's resize).
+    """
+    scale = n_in / n_out
+    src = (np.arange(n_out) + 0.5) * scale - 0.5
+    i0 = np.floor(src).astype(np.int64)
+    frac = src - i0
+    frac = np.where(i0 < 0, 0.0, frac)
+    i0 = np.clip(i0, 0, n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return np.stack([i0, i1], 1), np.stack([1 - frac, frac], 1), src
+
+
+def resample_matrix(taps: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` float32: 1-D correlation with ``taps`` (reflect-101 border), then bilinear
+    resampling to ``n_out`` (identity when ``n_out == n_in``)."""
+    radius = len(taps) // 2
+    if n_out == n_in:
+        src = np.arange(n_out)[:, None]
+        wts = np.ones((n_out, 1))
+    else:
+        src, wts, _ = _bilinear_taps(n_in, n_out)
+    offsets = np.arange(len(taps)) - radius
+    cols = _reflect101(src[:, :, None] + offsets[None, None, :], n_in)  # (n_out, 2, K)
+    vals = wts[:, :, None] * taps[None, None, :]
+    rows = np.broadcast_to(np.arange(n_out)[:, None, None], cols.shape)
+    flat = np.bincount((rows * n_in + cols).ravel(), weights=vals.ravel(), minlength=n_out * n_in)
+    return flat.reshape(n_out, n_in).astype(np.float32)
+
+
+def crop_kernel(kernel: np.ndarray, tol: float = SVD_TOLERANCE) -> np.ndarray:
+    """The smallest centred odd window of ``kernel`` outside which the taps can change no pixel of a
+    0..255 image by more than ``tol`` (small sigmas need far less than 41x41: faster, lower rank)."""
+    size = kernel.shape[0]
+    c = size // 2
+    total = np.abs(kernel).sum()
+    for radius in range(c + 1):
+        inside = np.abs(kernel[c - radius : c + radius + 1, c - radius : c + radius + 1]).sum()
+        if 255.0 * (total - inside) <= tol:
+            return kernel[c - radius : c + radius + 1, c - radius : c + radius + 1]
+    return kernel
+
+
+def separable_terms(
+    kernel: np.ndarray, tol: float = SVD_TOLERANCE, max_terms: int = 16
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """``[(vertical taps, horizontal taps), ...]`` with ``sum_k outer(v_k, h_k) ~= kernel``.
+
+    Terms are kept until the dropped ones can change no pixel of a 0..255 image by more than ``tol``
+    (bound: ``255 * sum s_k |u_k|_1 |v_k|_1``); ``None`` when that needs more than ``max_terms``.
+    """
+    u, s, vt = np.linalg.svd(kernel)
+    bound = 255.0 * s * np.abs(u).sum(0) * np.abs(vt).sum(1)
+    tail = np.cumsum(bound[::-1])[::-1]  # tail[k] = bound of dropping terms k, k+1, ...
+    keep = int(np.argmax(np.append(tail, 0.0) <= tol))
+    if keep > max_terms:
+        return None
+    terms = [(u[:, k] * math.sqrt(s[k]), vt[k] * math.sqrt(s[k])) for k in range(max(keep, 1))]
+    if np.allclose(kernel, kernel[::-1, ::-1], rtol=0, atol=1e-12):
+        # a point-symmetric kernel has even or odd singular vectors; making them exactly so removes
+        # rounding noise and lets OpenCV take its (anti)symmetric-kernel fast path (~6x)
+        terms = [(_parity(v), _parity(h)) for v, h in terms]
+    return terms
+
+
+def _parity(taps: np.ndarray) -> np.ndarray:
+    """The even or the odd part of ``taps``, whichever dominates."""
+    even, odd = (taps + taps[::-1]) / 2, (taps - taps[::-1]) / 2
+    return even if np.abs(even).sum() >= np.abs(odd).sum() else odd
+
+
+def _band_chunks(mats: np.ndarray, rows_per_chunk: int) -> list[tuple[slice, int, int]]:
+    """Split the output rows of ``mats (k, n_out, n_in)`` into chunks with the input columns they read."""
+    nonzero = np.any(mats != 0, axis=0)  # (n_out, n_in)
+    first = np.argmax(nonzero, axis=1)
+    last = nonzero.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+    chunks = []
+    for start in range(0, nonzero.shape[0], rows_per_chunk):
+        stop = min(start + rows_per_chunk, nonzero.shape[0])
+        chunks.append((slice(start, stop), int(first[start:stop].min()), int(last[start:stop].max())))
+    return chunks
+
+
+def _banded_matmul(mats: np.ndarray, data: np.ndarray, sum_terms: bool) -> np.ndarray:
+    """``mats (k, n_out, n_in) @ data (k or 1, n_in, F)`` touching only each row chunk's band of inputs.
+
+    The matrices are banded (41 taps, 2 bilinear taps): a dense product would spend >90% of its
+    multiply-adds on zeros. Chunks of rows share one contiguous input span, so each chunk is one
+    BLAS call. Returns ``(n_out, F)`` summed over terms, or ``(k, n_out, F)``.
+    """
+    k, n_out, n_in = mats.shape
+    ratio = n_in / n_out
+    chunks = _band_chunks(mats, max(1, int(64 // ratio)))
+    out = np.empty((n_out, data.shape[2]) if sum_terms else (k, n_out, data.shape[2]), np.float32)
+    for rows, lo, hi in chunks:
+        part = np.matmul(mats[:, rows, lo:hi], data[:, lo:hi])
+        if sum_terms:
+            out[rows] = part.sum(0) if k > 1 else part[0]
+        else:
+            out[:, rows] = part
+    return out
+
+
+def _blur_downsample_matrices(image: np.ndarray, terms, out_size: tuple[int, int]) -> np.ndarray:
+    """``sum_k A_k X C_k^T`` on the float32 image: blur with the separable terms and resample."""
+    h_in, w_in = image.shape[:2]
+    h_out, w_out = out_size
+    k = len(terms)
+    a = np.stack([resample_matrix(v, h_in, h_out) for v, _ in terms])  # (k, h, H)
+    c = np.stack([resample_matrix(hz, w_in, w_out) for _, hz in terms])  # (k, w, W)
+    x = image.reshape(1, h_in, w_in * 3).astype(np.float32)
+    rows = _banded_matmul(a, x, sum_terms=False)  # (k, h, W*3): only the rows the output needs
+    # columns to the front so the horizontal pass is again a left product
+    cols = np.ascontiguousarray(rows.reshape(k, h_out, w_in, 3).transpose(0, 2, 1, 3)).reshape(
+        k, w_in, h_out * 3
+    )
+    out = _banded_matmul(c, cols, sum_terms=True)  # (w, h*3)
+    return out.reshape(w_out, h_out, 3).transpose(1, 0, 2)
+
+
+def _matrix_cost(n_terms: int, size: tuple[int, int], out_size: tuple[int, int], taps: int) -> float:
+    """Multiply-adds of the banded matrix path (a band of ~``taps + 64`` inputs per chunk of rows)."""
+    (h_in, w_in), (h_out, w_out) = size, out_size
+    band_v = min(h_in, taps + 64)
+    band_h = min(w_in, taps + 64)
+    return n_terms * (h_out * band_v * w_in * 3 + w_out * band_h * h_out * 3)
+
+
+#: multiply-adds below which the banded matrix path beats full-resolution filtering (measured at
+#: 512 px, one thread: r >= 3 for an isotropic kernel); see benchmarks/bench_degradations.py
+_MATRIX_PATH_MACS = 4.0e7
+#: separable terms up to which full-resolution ``sepFilter2D`` passes beat one ``filter2D`` (DFT)
+_SEPARABLE_PATH_TERMS = 6
+
+
+def _separable_full_res(image: np.ndarray, terms) -> np.ndarray:
+    """``sum_k`` of ``sepFilter2D`` passes on the uint8 image, float32 grey levels.
+
+    Each pass writes int16 with its taps scaled so the largest possible response fills the range:
+    with (anti)symmetric taps OpenCV's 8U->16S path is ~2-3x faster than float32 output (and ~8x
+    faster than a 41x41 ``filter2D``); the rounding stays below 0.01 grey levels.
+    """
+    out = None
+    for v, hz in terms:
+        gain = 32000.0 / (255.0 * float(np.abs(v).sum() * np.abs(hz).sum()))
+        part = cv2.sepFilter2D(
+            image,
+            cv2.CV_16S,
+            (hz * gain).astype(np.float32),
+            v.astype(np.float32),
+            borderType=cv2.BORDER_REFLECT_101,
+        )
+        part = part.astype(np.float32) * np.float32(1.0 / gain)
+        out = part if out is None else out + part
+    return out
+
+
+def blur_and_downsample(
+    image: np.ndarray, kernel: np.ndarray | None, out_size: tuple[int, int] | None
+) -> np.ndarray:
+    """Blur ``(H, W, 3) uint8`` with ``kernel`` (correlation, reflect-101 border) and bilinearly resize
+    to ``out_size = (h, w)``. Returns ``(h, w, 3) float32`` in grey levels (not rounded).
+
+    Picks the cheapest exact-enough route: banded matrices when the output is small, a few
+    separable full-resolution passes, or ``cv2.filter2D`` for high-rank kernels.
+    """
+    size = image.shape[:2]
+    out_size = tuple(out_size) if out_size is not None else size
+    if kernel is None:
+        if out_size == size:
+            return image.astype(np.float32)
+        return cv2.resize(image.astype(np.float32), out_size[::-1], interpolation=cv2.INTER_LINEAR)
+    kernel = crop_kernel(kernel, SVD_TOLERANCE / 2)
+    terms = separable_terms(kernel, SVD_TOLERANCE / 2)
+    if terms is not None and _matrix_cost(len(terms), size, out_size, len(kernel)) <= _MATRIX_PATH_MACS:
+        return _blur_downsample_matrices(image, terms, out_size)
+    if terms is not None and len(terms) <= _SEPARABLE_PATH_TERMS:
+        blurred = _separable_full_res(image, terms)
+    else:
+        blurred = cv2.filter2D(
+            image.astype(np.float32), -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101
+        )
+    if out_size == size:
+        return blurred
+    return cv2.resize(blurred, out_size[::-1], interpolation=cv2.INTER_LINEAR)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """``(H, W, 3) uint8 RGB`` -> the same after JPEG compression at ``quality`` (OpenCV's encoder)."""
+    # cv2 treats channels as BGR: reverse them so the encoder's YCbCr transform sees true colours
+    ok, buf = cv2.imencode(".jpg", image[:, :, ::-1], [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def to_gray3(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3) uint8 RGB`` -> its luma repeated in 3 channels."""
+    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def shift_colors(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Add a per-channel shift (grey levels, ``(3,)``) to ``(H, W, 3) uint8``; saturates."""
+    lut = np.clip(np.arange(256)[:, None] + np.round(np.asarray(shift))[None, :], 0, 255).astype(np.uint8)
+    # a lookup table per channel: no int16 copy of the image
+    return cv2.LUT(np.ascontiguousarray(image), lut.reshape(256, 1, 3))
+
+
+def gaussian_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """``shape`` float32 samples of N(0, sigma^2).
+
+    Drawn by OpenCV's generator (~8x faster than numpy's at 512 px), seeded from ``rng``: as
+    reproducible as ``rng`` itself within one thread (each data-loader worker is one).
+    """
+    cv2.setRNGSeed(int(rng.integers(1, 2**31)))
+    # one channel: with a multi-channel array, scalar mean/std would only reach channel 0
+    noise = np.empty((shape[0], int(np.prod(shape[1:]))), np.float32)
+    cv2.randn(noise, 0.0, float(sigma))
+    return noise.reshape(shape)
+
+
+def apply_degradation(image: np.ndarray, params: DegradationParams, rng: np.random.Generator) -> np.ndarray:
+    """Degrade ``(H, W, 3) uint8 RGB`` with drawn ``params``; noise samples come from ``rng``.
+
+    Returns ``(H, W, 3) uint8 RGB`` of the input's size: blur, downsample, noise, JPEG, bilinear
+    resize back, then colour shift and grayscale.
+    """
+    h, w = image.shape[:2]
+    out = image
+    if params.kernel is not None or params.out_size is not None or params.noise_sigma > 0:
+        low = blur_and_downsample(image, params.kernel, params.out_size)
+        if params.noise_sigma > 0:
+            low += gaussian_noise(low.shape, params.noise_sigma, rng)
+        out = np.clip(np.rint(low), 0, 255).astype(np.uint8)
+    if params.jpeg_quality is not None:
+        out = jpeg_round_trip(out, params.jpeg_quality)
+    if out.shape[:2] != (h, w):
+        out = cv2.resize(np.ascontiguousarray(out), (w, h), interpolation=cv2.INTER_LINEAR)
+    if params.color_shift is not None:
+        out = shift_colors(out, params.color_shift)
+    if params.gray:
+        out = to_gray3(out)
+    return out
+
+
+def degrade(
+    image: np.ndarray, cfg: DegradationConfig | str, rng: np.random.Generator
+) -> tuple[np.ndarray, DegradationParams]:
+    """Draw and apply one degradation: ``(H, W, 3) uint8 RGB`` -> ``(lq (H, W, 3) uint8, params)``."""
+    cfg = preset(cfg)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"degrade expects an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    params = sample_params(cfg, rng, image.shape[:2])
+    return apply_degradation(image, params, rng), params
+
+
+# ----------------------------------------------------------------------------- task variants
+def colorization_input(
+    image: np.ndarray, rng: np.random.Generator, jitter_prob: float = 0.5, shift: float = 20.0
+) -> np.ndarray:
+    """Input of the colorization task: ``(H, W, 3) uint8`` -> grayscale, then (with ``jitter_prob``) a
+    random per-channel colour cast of up to ``shift`` grey levels, as faded or tinted old photos."""
+    gray = to_gray3(image)
+    if rng.random() < jitter_prob:
+        gray = shift_colors(gray, rng.uniform(-shift, shift, size=3))
+    return gray
+
+
+def brush_stroke_mask(
+    size: int,
+    rng: np.random.Generator,
+    strokes: tuple[int, int] = (1, 4),
+    vertices: tuple[int, int] = (4, 12),
+    width: tuple[float, float] = (12 / 512, 40 / 512),
+    length: tuple[float, float] = (10 / 512, 80 / 512),
+) -> np.ndarray:
+    """Free-form brush strokes: ``(size, size) bool`` (True = painted).
+
+    Each stroke is a polyline of a random number of ``vertices`` starting at a random point, every
+    segment at a random angle and ``length`` (fractions of ``size``), drawn with a random ``width``
+    (fraction of ``size``) and round joints.
+    """
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(int(rng.integers(strokes[0], strokes[1] + 1))):
+        x, y = rng.uniform(0, size, 2)
+        thickness = max(1, round(rng.uniform(*width) * size))
+        angle = rng.uniform(0, 2 * math.pi)
+        for _ in range(int(rng.integers(vertices[0], vertices[1] + 1))):
+            angle += rng.uniform(-math.pi / 3, math.pi / 3)  # strokes bend, they do not zig-zag
+            step = rng.uniform(*length) * size
+            nx = float(np.clip(x + step * math.cos(angle), 0, size - 1))
+            ny = float(np.clip(y + step * math.sin(angle), 0, size - 1))
+            cv2.line(mask, (round(x), round(y)), (round(nx), round(ny)), 1, thickness)
+            cv2.circle(mask, (round(nx), round(ny)), thickness // 2, 1, -1)
+            x, y = nx, ny
+    return mask.astype(bool)
+
+
+def inpainting_input(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Input of the inpainting task: ``(H, W, 3) uint8`` with brush strokes painted white or black
+    (chosen at random per image). Returns ``(lq uint8, mask (H, W) bool)``."""
+    h, w = image.shape[:2]
+    mask = brush_stroke_mask(max(h, w), rng)[:h, :w]
+    colour = 255 if rng.random() < 0.5 else 0
+    out = image.copy()
+    out[mask] = colour
+    return out, mask

@@ -1,0 +1,190 @@
+"""The degradation model on a batch of tensors on the training device (optional GPU path).
+
+``degrade_batch(x, cfg, generator)`` takes ``(B, 3, H, W)`` in [-1, 1] and returns the degraded
+batch of the same shape, drawing per-sample parameters from the same ranges as the numpy path
+(:mod:`.degradations`) but from a ``torch.Generator``: the two paths are statistically alike,
+not bit-identical.
+
+* blur: per-sample 41x41 isotropic / anisotropic Gaussian kernels applied by FFT on the
+  reflect-101-padded image (one batched ``rfft2``; motion blur is not supported here);
+* downsample: ``F.interpolate(bilinear, align_corners=False)`` per sample (the factor differs per
+  sample), the same sampling grid as ``cv2.resize(INTER_LINEAR)``; noise on the small image;
+* JPEG: an **approximation** of baseline JPEG (no entropy coding, which is lossless anyway):
+  RGB -> YCbCr (JFIF), 4:2:0 chroma by 2x2 averaging, 8x8 DCT, quantisation with the standard
+  (Annex K) tables scaled for the quality as libjpeg does, inverse DCT, bilinear chroma
+  upsampling, rounding to 8-bit levels. Artefacts (blocking, ringing, chroma bleeding) and their
+  dependence on quality match libjpeg closely; pixel values differ slightly (libjpeg's integer
+  DCT, its "fancy" upsampling);
+* bilinear resize back, then colour shift and grayscale per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .degradations import DegradationConfig, preset
+
+_LUMA_Q = torch.tensor(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=torch.float32,
+)
+_CHROMA_Q = torch.full((8, 8), 99.0)
+_CHROMA_Q[:4, :4] = torch.tensor(
+    [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float32
+)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=gen.device, dtype=torch.float64) * (hi - lo) + lo
+
+
+def gaussian_kernels(
+    sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``(B, size, size)`` float32 kernels (rows y, columns x), each summing to 1."""
+    r = torch.arange(size, device=sigma_x.device, dtype=torch.float64) - size // 2
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    c, s = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    u = c * xx + s * yy
+    v = -s * xx + c * yy
+    k = torch.exp(-0.5 * ((u / sigma_x[:, None, None]) ** 2 + (v / sigma_y[:, None, None]) ** 2))
+    return (k / k.sum((1, 2), keepdim=True)).float()
+
+
+def fft_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Correlate each sample ``(B, C, H, W)`` with its kernel ``(B, K, K)`` (reflect-101 border)."""
+    b, c, h, w = x.shape
+    radius = kernels.shape[-1] // 2
+    xp = F.pad(x, (radius, radius, radius, radius), mode="reflect")  # torch "reflect" = cv2 REFLECT_101
+    hp, wp = xp.shape[-2:]
+    kp = torch.zeros(b, hp, wp, device=x.device, dtype=x.dtype)
+    kp[:, : kernels.shape[-2], : kernels.shape[-1]] = kernels.flip(
+        -1, -2
+    )  # convolution with the flipped kernel
+    kp = torch.roll(kp, shifts=(-radius, -radius), dims=(-2, -1))
+    out = torch.fft.irfft2(torch.fft.rfft2(xp) * torch.fft.rfft2(kp)[:, None], s=(hp, wp))
+    return out[..., radius : radius + h, radius : radius + w]
+
+
+def _dct_matrix(device) -> torch.Tensor:
+    n = torch.arange(8, dtype=torch.float64)
+    d = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] /= math.sqrt(2)
+    return d.float().to(device)
+
+
+def _quant_table(base: torch.Tensor, quality: int) -> torch.Tensor:
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    return torch.clamp(torch.floor((base * scale + 50) / 100), 1, 255)
+
+
+def _dct_quantize(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """``(h, w)`` level-shifted plane (h, w multiples of 8) -> after 8x8 DCT quantisation and back."""
+    h, w = plane.shape
+    blocks = plane.reshape(h // 8, 8, w // 8, 8).permute(0, 2, 1, 3)
+    coef = dct @ blocks @ dct.T
+    coef = torch.round(coef / table) * table
+    return (dct.T @ coef @ dct).permute(0, 2, 1, 3).reshape(h, w)
+
+
+def jpeg_approx(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """Approximate JPEG round trip of ``(3, h, w)`` RGB in [0, 255] (see the module docstring)."""
+    _, h, w = image.shape
+    dct = _dct_matrix(image.device)
+    hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
+    x = F.pad(image[None], (0, wp - w, 0, hp - h), mode="replicate")[0]
+    r, g, b = x
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+    luma_q = _quant_table(_LUMA_Q.to(image.device), quality)
+    chroma_q = _quant_table(_CHROMA_Q.to(image.device), quality)
+    y = _dct_quantize(y - 128, luma_q, dct) + 128
+    chroma = F.avg_pool2d(torch.stack([cb, cr])[None], 2)[0]
+    chroma = torch.stack([_dct_quantize(p - 128, chroma_q, dct) + 128 for p in chroma])
+    cb, cr = F.interpolate(chroma[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
+    r = y + 1.402 * (cr - 128)
+    g = y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128)
+    b = y + 1.772 * (cb - 128)
+    return torch.stack([r, g, b])[:, :h, :w].round().clamp(0, 255)
+
+
+@torch.no_grad()
+def degrade_batch(
+    x: torch.Tensor, cfg: DegradationConfig | str, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Degrade ``(B, 3, H, W)`` in [-1, 1] on its device; all draws from ``generator`` (on ``x``'s
+    device). Returns ``(lq (B, 3, H, W) in [-1, 1], params)`` with per-sample ``(B,)`` tensors
+    ``sigma_x, sigma_y, theta, scale, noise_sigma, jpeg_quality, gray`` and ``color_shift (B, 3)``."""
+    cfg = preset(cfg)
+    if cfg.motion_blur_prob > 0:
+        raise NotImplementedError(
+            "motion blur is only in the numpy path (codeformer_lightning.data.degradations)"
+        )
+    b, c, h, w = x.shape
+    gen = generator
+    img = (x.float() + 1) * 127.5  # grey levels
+    params: dict[str, torch.Tensor] = {}
+    if cfg.blur:
+        lo, hi = cfg.blur_sigma
+        aniso = torch.rand(b, generator=gen, device=gen.device) < cfg.anisotropic_prob
+        sx, sy = _uniform(b, lo, hi, gen), _uniform(b, lo, hi, gen)
+        theta = _uniform(b, -math.pi, math.pi, gen)
+        sy = torch.where(aniso, sy, sx)
+        theta = torch.where(aniso, theta, torch.zeros_like(theta))
+        params.update(sigma_x=sx, sigma_y=sy, theta=theta)
+        img = fft_blur(img, gaussian_kernels(sx, sy, theta, cfg.kernel_size).to(img.device))
+    scale = (
+        _uniform(b, *cfg.downsample_range, gen)
+        if cfg.downsample
+        else torch.ones(b, dtype=torch.float64, device=gen.device)
+    )
+    noise = (
+        _uniform(b, *cfg.noise_range, gen)
+        if cfg.noise
+        else torch.zeros(b, dtype=torch.float64, device=gen.device)
+    )
+    quality = (
+        torch.randint(cfg.jpeg_range[0], cfg.jpeg_range[1] + 1, (b,), generator=gen, device=gen.device)
+        if cfg.jpeg
+        else torch.zeros(b, dtype=torch.long, device=gen.device)
+    )
+    params.update(scale=scale, noise_sigma=noise, jpeg_quality=quality)
+    out = []
+    for i in range(b):
+        size = (max(1, round(h / float(scale[i]))), max(1, round(w / float(scale[i]))))
+        low = img[i : i + 1]
+        if size != (h, w):
+            low = F.interpolate(low, size=size, mode="bilinear", align_corners=False, antialias=False)
+        if noise[i] > 0:
+            low = low + torch.randn(low.shape, generator=gen, device=gen.device).to(low.device) * float(
+                noise[i]
+            )
+        low = low.clamp(0, 255).round()
+        if cfg.jpeg:
+            low = jpeg_approx(low[0], int(quality[i]))[None]
+        if size != (h, w):
+            low = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        out.append(low)
+    lq = torch.cat(out)
+    jitter = torch.rand(b, generator=gen, device=gen.device) < cfg.color_jitter_prob
+    shift = (torch.rand(b, 3, generator=gen, device=gen.device) * 2 - 1) * cfg.color_jitter_shift
+    shift = torch.where(jitter[:, None], shift, torch.zeros_like(shift)).round()
+    lq = (lq + shift.to(lq)[:, :, None, None]).clamp(0, 255)
+    gray = torch.rand(b, generator=gen, device=gen.device) < cfg.gray_prob
+    luma = (0.299 * lq[:, 0] + 0.587 * lq[:, 1] + 0.114 * lq[:, 2])[:, None].expand(-1, 3, -1, -1)
+    lq = torch.where(gray.to(lq.device)[:, None, None, None], luma, lq)
+    params.update(color_shift=shift, gray=gray)
+    return (lq / 127.5 - 1).clamp(-1, 1).to(x.dtype), params
