@@ -5,6 +5,9 @@ Public API:
 * :mod:`codeformer_lightning.nn`: pure ``torch.nn`` networks (``CodeFormer``, ``VQAutoEncoder``, ...).
 * :func:`load_pretrained`: published ``.pth`` or native ``.safetensors`` -> module in eval mode.
 * :func:`save_weights` / :func:`save_published` / :func:`convert_checkpoint`: write and convert.
+* :class:`FaceRestorer`: detect, align, restore and paste back faces in whole photos.
+
+Training (``codeformer_lightning.models``, ``.data``) imports Lightning; the names above do not.
 """
 
 from .checkpoints import (
@@ -19,9 +22,20 @@ from .checkpoints import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Imported on first use: the inference stack (OpenCV, detectors) is not needed to load weights.
+    if name == "FaceRestorer":
+        from .inference import FaceRestorer
+
+        return FaceRestorer
+    raise AttributeError(f"module 'codeformer_lightning' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointInfo",
+    "FaceRestorer",
     "convert_checkpoint",
     "inspect_checkpoint",
     "load_pretrained",
