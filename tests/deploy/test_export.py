@@ -1,0 +1,157 @@
+"""Exported graphs (ONNX, TorchScript, torch.export) against the PyTorch model, w as an input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from codeformer_lightning.deploy import export as ex
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(tiny_model, tmp_path_factory):
+    path = ex.export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return path, ex.onnx_session(path)
+
+
+def _images(batch: int, size: int = 32, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+
+
+def _published(model, x, w: float):
+    """The published call: a Python float w (w = 0 skips the fusion blocks altogether)."""
+    with torch.no_grad():
+        out = model.restore(x, w, adain=True)
+    return out.image.clamp(-1, 1), out.indices
+
+
+def test_onnx_file_is_valid_and_declares_the_contract(onnx_fp32):
+    path, session = onnx_fp32
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    inputs = {i.name: i for i in session.get_inputs()}
+    assert list(inputs) == ["image", "w"]
+    assert inputs["image"].type == "tensor(float)" and inputs["w"].type == "tensor(float)"
+    assert isinstance(inputs["image"].shape[0], str)  # dynamic batch
+    assert [o.name for o in session.get_outputs()] == ["restored", "indices"]
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 1.0])
+def test_onnx_matches_published_float_path(tiny_model, onnx_fp32, w):
+    _, session = onnx_fp32
+    x = _images(3)  # exported at batch 1: runs at batch 3
+    restored, indices = ex.run_onnx(session, x.numpy(), w)
+    ref_image, ref_indices = _published(tiny_model, x, w)
+    assert restored.shape == (3, 3, 32, 32) and indices.shape == (3, 16)
+    assert np.abs(restored - ref_image.numpy()).max() < 1e-4
+    np.testing.assert_array_equal(indices, ref_indices.numpy())
+    assert restored.min() >= -1 and restored.max() <= 1
+
+
+def test_onnx_per_sample_w_equals_separate_runs(tiny_model, onnx_fp32):
+    _, session = onnx_fp32
+    x = _images(2, seed=5)
+    restored, indices = ex.run_onnx(session, x.numpy(), np.array([0.0, 1.0], np.float32))
+    for i, w in enumerate([0.0, 1.0]):
+        ref_image, ref_indices = _published(tiny_model, x[i : i + 1], w)
+        assert np.abs(restored[i] - ref_image[0].numpy()).max() < 1e-4
+        np.testing.assert_array_equal(indices[i], ref_indices[0].numpy())
+    # w matters in this model, so the comparison above is not vacuous
+    both_zero, _ = ex.run_onnx(session, x.numpy(), 0.0)
+    assert np.abs(both_zero[1] - restored[1]).max() > 1e-2
+
+
+def test_tensor_w_zero_is_bit_identical_to_the_published_skip(tiny_model):
+    """With w a tensor every fusion block runs; dec + 0 * (...) must still equal the skipped path."""
+    wrapper = ex.ExportableCodeFormer(tiny_model)
+    x = _images(2, seed=7)
+    ref_image, ref_indices = _published(tiny_model, x, 0.0)
+    with torch.no_grad():
+        for w in (torch.tensor(0.0), torch.zeros(1), torch.zeros(2)):
+            image, indices = wrapper(x, w)
+            assert torch.equal(image, ref_image)
+            assert torch.equal(indices, ref_indices)
+
+
+def test_fp16_onnx_has_fp16_weights_and_fp32_io(tiny_model, tmp_path):
+    path = ex.export_onnx(tiny_model, tmp_path / "tiny16.onnx", dtype="fp16")
+    proto = onnx.load(str(path))
+    float_inits = [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    big = [t for t in float_inits if np.prod(t.dims) > 16]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    session = ex.onnx_session(path)
+    assert session.get_inputs()[0].type == "tensor(float)"
+    x = _images(2, seed=9)
+    restored, indices = ex.run_onnx(session, x.numpy(), np.array([0.0, 1.0], np.float32))
+    assert restored.dtype == np.float32
+    ref = torch.cat([_published(tiny_model, x[i : i + 1], w)[0] for i, w in enumerate([0.0, 1.0])])
+    ref_idx = torch.cat([_published(tiny_model, x[i : i + 1], w)[1] for i, w in enumerate([0.0, 1.0])])
+    # fp16 rounding (about 1e-3 relative) through ~40 layers; the codes must not flip
+    np.testing.assert_array_equal(indices, ref_idx.numpy())
+    assert np.abs(restored - ref.numpy()).max() < 2e-2
+
+
+def test_torchscript_round_trip_dynamic_batch(tiny_model, tmp_path):
+    path = ex.export_torchscript(tiny_model, tmp_path / "tiny.pt")
+    module = ex.load_torchscript(path)
+    x = _images(3, seed=11)
+    w = torch.tensor([0.0, 0.5, 1.0])
+    with torch.no_grad():
+        image, indices = module(x, w)
+        ref_image, ref_indices = ex.ExportableCodeFormer(tiny_model)(x, w)
+    assert (image - ref_image).abs().max() < 1e-5
+    assert torch.equal(indices, ref_indices)
+
+
+def test_torch_export_round_trip_with_scalar_and_vector_w(tiny_model, tmp_path):
+    path = ex.export_program(tiny_model, tmp_path / "tiny.pt2")
+    module = ex.load_program(path)
+    x = _images(3, seed=13)
+    with torch.no_grad():
+        for w in (0.5, torch.tensor(0.0), torch.tensor([0.0, 0.5, 1.0])):
+            image, indices = module(x, w)
+            ref_image, ref_indices = ex.ExportableCodeFormer(tiny_model)(x, torch.as_tensor(w))
+            assert (image - ref_image).abs().max() < 1e-5
+            assert torch.equal(indices, ref_indices)
+
+
+def test_command_exports_and_checks(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    assert ex.main(["--weights", tiny_weights, "--out", str(out), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "max |diff|" in text and "equal code indices: 100.00%" in text
+    diff = float(text.split("max |diff| vs PyTorch fp32 = ")[1].split(";")[0])
+    assert diff < 1e-4
+
+
+def test_command_errors_name_the_problem(tiny_weights, tmp_path, capsys):
+    assert ex.main(["--weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert ex.main(["--weights", tiny_weights, "--out", str(tmp_path / "x.onnx"), "--size", "512"]) == 2
+    assert "32x32" in capsys.readouterr().err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert ex.main(["--weights", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        ex.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--weights", "--out", "--format", "--fp16", "--no-adain", "--opset", "--size", "--check"):
+        assert option in text
+    assert "AdaIN" in text
+
+
+@pytest.mark.slow
+def test_published_size_onnx_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model = ex.CodeFormer().eval()
+    path = ex.export_onnx(model, tmp_path / "codeformer512.onnx")
+    diff, same = ex.check_export(model, path, "onnx")
+    assert diff < 1e-3 and same == 1.0
