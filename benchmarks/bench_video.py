@@ -11,10 +11,15 @@ align -> network -> paste-back:
     once on the device, restored in batches, pasted back on the device.
 
 The network is a random-weight published-size CodeFormer (weights do not change speed); ``--tiny``
-uses the 32 px test network for a quick run. Runs are interleaved (a, b, a, b) and the best of
-``--repeats`` is kept, so that machine load hits both alike.
+uses the 32 px test network for a quick run; ``--geometry`` replaces the network by the identity (512 px
+crops), so that only alignment and paste-back are timed. Runs are interleaved (a, b, a, b) and the best
+of ``--repeats`` is kept, so that machine load hits both alike. Both paths run with the same number of
+CPU threads, for torch and for cv2 (``--threads``, default 1): on a small shared machine more threads
+than free cores make tiny batch-1 network calls wait on each other (a 32 px call measured 1.4 s per face
+at 2 threads on 2 loaded cores, 9 ms at 1 thread).
 
     python benchmarks/bench_video.py --tiny             # seconds
+    python benchmarks/bench_video.py --geometry --repeats 5   # align + paste-back only
     python benchmarks/bench_video.py                    # 512 px network, CPU: 4 faces (~2 min on 2 cores)
     python benchmarks/bench_video.py --device cuda --frames 64 --faces-per-frame 2
 """
@@ -80,6 +85,17 @@ def make_clip(frames: int, faces_per_frame: int, width: int, height: int, seed: 
     return clip, marks
 
 
+class IdentityNetwork(torch.nn.Module):
+    """Stands in for CodeFormer in ``--geometry`` runs: returns its input, ``(B, 3, S, S)`` in [-1, 1]."""
+
+    def __init__(self, img_size: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, x: torch.Tensor, w: float = 0.5, adain: bool = True) -> torch.Tensor:
+        return x
+
+
 class KnownFaces:
     """A detector that returns the clip's known landmarks, frame after frame."""
 
@@ -93,7 +109,7 @@ class KnownFaces:
 
 
 @torch.inference_mode()
-def one_at_a_time(model: CodeFormer, clip, marks, w: float, times: dict[str, float]) -> list[np.ndarray]:
+def one_at_a_time(model: torch.nn.Module, clip, marks, w: float, times: dict[str, float]) -> list[np.ndarray]:
     """Baseline (a): per face warp_face -> network (batch 1, CPU) -> paste_back."""
     size = model.img_size
     out = []
@@ -138,28 +154,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="device(s) for path (b); repeatable (default: cpu, plus cuda when present)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="path (b) on CUDA")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each path; best kept (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and cv2, both paths (default 1)")
     parser.add_argument("--tiny", action="store_true", help="32 px test network instead of the 512 px one")
+    parser.add_argument("--geometry", action="store_true",
+                        help="identity network on 512 px crops: time alignment and paste-back only")
     parser.add_argument("-w", type=float, default=0.5)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
     torch.manual_seed(0)
-    model = CodeFormer(**TINY).eval() if args.tiny else CodeFormer().eval()
+    if args.geometry:
+        model = IdentityNetwork(32 if args.tiny else 512)
+    else:
+        model = CodeFormer(**TINY).eval() if args.tiny else CodeFormer().eval()
     clip, marks = make_clip(args.frames, args.faces_per_frame, args.width, args.height)
     n_faces = sum(len(m) for m in marks)
+    kind = "identity" if args.geometry else ("tiny" if args.tiny else "published size") + ", random weights"
     print(f"clip: {args.frames} frames {args.width}x{args.height}, {n_faces} faces, network "
-          f"{model.img_size}px ({'tiny' if args.tiny else 'published size'}, random weights), "
+          f"{model.img_size}px ({kind}), "
           f"CPU threads {torch.get_num_threads()}")
 
     for device in devices:
         precision = args.precision if device.startswith("cuda") else "fp32"
-        restorer = BatchedVideoRestorer(copy.deepcopy(model), device=device, batch_size=args.batch_size,
-                                        chunk_frames=args.frames, precision=precision, profile=True)
-        cpu_model = model
-        if args.tiny or device != "cpu":
+        restorer = BatchedVideoRestorer(CodeFormer(**TINY) if args.geometry else copy.deepcopy(model), device=device,
+                                        batch_size=args.batch_size, chunk_frames=args.frames, precision=precision,
+                                        profile=True)
+        if args.geometry:  # the restorer takes only CodeFormers; swap in the identity afterwards
+            restorer.model, restorer.face_size = model.to(device), model.img_size
+        cpu_model = model.cpu()
+        if args.tiny or args.geometry or device != "cpu":
             # warm-up (allocator, cuDNN autotune, first calls); negligible next to a 512 px pass on a CPU
             one_at_a_time(cpu_model, clip[:1], marks[:1], args.w, defaultdict(float))
             batched(restorer, clip[:1], marks[:1], args.w, defaultdict(float))
@@ -183,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[b on {device}, {precision}, batch {args.batch_size}]")
         print(f"  (a) one face at a time, CPU : {args.frames / ta:8.3f} frames/s  ({ta:.2f} s; ms/face: {split(times_a)})")
         print(f"  (b) batched on {device:<12}: {args.frames / tb:8.3f} frames/s  ({tb:.2f} s; ms/face: {split(times_b)})")
-        print(f"  speed-up b/a: {ta / tb:.2f}x   paste-back only: {times_a['paste'] / max(times_b['paste'], 1e-9):.2f}x"
+        print(f"  speed-up b/a: {ta / tb:.2f}x   align only: {times_a['align'] / max(times_b['align'], 1e-9):.2f}x"
+              f"   paste-back only: {times_a['paste'] / max(times_b['paste'], 1e-9):.2f}x"
               f"   mean |a - b| per pixel: {diff:.3f} grey levels")
     return 0
 

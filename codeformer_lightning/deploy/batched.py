@@ -16,6 +16,7 @@ feather width and Gaussian-blurred with cv2's kernel for that width.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import cv2
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference.align import apply_affine, invert_affine
+from ..inference.align import invert_affine
 from ..inference.paste import default_feather
 
 
@@ -35,35 +36,46 @@ def _as_affines(affines: torch.Tensor | np.ndarray) -> np.ndarray:
     return m
 
 
-def _normalise(coords: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Pixel coordinates ``(..., 2)`` -> grid_sample coordinates for ``align_corners=True``."""
-    scale = coords.new_tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)])
-    return coords * scale - 1.0
+def _lattice_map(matrices: np.ndarray, origins: np.ndarray, out_h: int, out_w: int, device: torch.device,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output pixel ``(x, y)``, offset by ``origins[f]`` ``(F, 2)``, mapped by ``matrices[f]`` ``(2, 3)``:
+    the two coordinates, each ``(F, out_h, out_w)`` float32 (written into ``out`` when given)."""
+    # the offset is folded into the matrix on the host (float64) so the device only does float32 math;
+    # an affine map of a pixel lattice is an outer sum of a row and a column term, which is far cheaper
+    # than a per-pixel (h, w, 3) product or an interleaving stack
+    lin = matrices[:, :, :2]
+    shift = matrices[:, :, 2] + np.einsum("fij,fj->fi", lin, origins)
+    m = torch.from_numpy(np.concatenate([lin, shift[:, :, None]], 2).astype(np.float32)).to(device)
+    xs = torch.arange(out_w, device=device, dtype=torch.float32).view(1, 1, out_w)
+    ys = torch.arange(out_h, device=device, dtype=torch.float32).view(1, out_h, 1)
+    coords = []
+    for k in range(2):
+        row, col = m[:, k, 0, None, None] * xs, m[:, k, 1, None, None] * ys + m[:, k, 2, None, None]
+        coords.append(row + col if out is None else torch.add(row, col, out=out[k]))
+    return coords[0], coords[1]
 
 
 def _sampling_grid(matrices: np.ndarray, origins: np.ndarray, out_h: int, out_w: int, src_h: int, src_w: int,
                    device: torch.device) -> torch.Tensor:
     """Grid ``(F, out_h, out_w, 2)``: output pixel ``(x, y)`` (offset by ``origins[f]``) mapped by
-    ``matrices[f]`` ``(2, 3)`` into a source of ``src_h x src_w`` pixels."""
-    # fold the output offset into the matrix on the host (float64), so the device only does float32 math
-    lin = matrices[:, :, :2]
-    shift = matrices[:, :, 2] + np.einsum("fij,fj->fi", lin, origins)
-    m = torch.from_numpy(np.concatenate([lin, shift[:, :, None]], 2)).float().to(device)
-    ys = torch.arange(out_h, device=device, dtype=torch.float32)
-    xs = torch.arange(out_w, device=device, dtype=torch.float32)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    base = torch.stack([gx, gy, torch.ones_like(gx)], -1)  # (h, w, 3)
-    coords = torch.einsum("hwk,fik->fhwi", base, m)
-    return _normalise(coords, src_w, src_h)
+    ``matrices[f]`` ``(2, 3)`` into a source of ``src_h x src_w`` pixels, in ``grid_sample``'s
+    ``align_corners=True`` units (pixel ``i`` of ``n`` at ``2 i / (n - 1) - 1``)."""
+    to_unit = np.array([[2.0 / max(src_w - 1, 1), 0.0, -1.0], [0.0, 2.0 / max(src_h - 1, 1), -1.0]])
+    normalised = np.einsum("ij,fjk->fik", to_unit[:, :2], matrices)
+    normalised[:, :, 2] += to_unit[:, 2]
+    grid = torch.empty(len(matrices), out_h, out_w, 2, device=device)
+    _lattice_map(normalised, origins, out_h, out_w, device, out=(grid[..., 0], grid[..., 1]))
+    return grid
 
 
 def warp_faces(frames: torch.Tensor, affines: torch.Tensor | np.ndarray, frame_index: torch.Tensor | np.ndarray,
                face_size: int) -> torch.Tensor:
     """Aligned crops of many faces at once: ``cv2.warpAffine(frame, affine, (S, S))`` per face.
 
-    ``frames``: ``(N, C, H, W)`` float (any range; values are interpolated linearly).
+    ``frames``: ``(N, C, H, W)`` float (any range; values are interpolated linearly) or uint8.
     ``affines``: ``(F, 2, 3)`` image -> crop. ``frame_index``: ``(F,)`` long, the frame of each face.
-    Returns ``(F, C, S, S)`` on ``frames.device``, bilinear, ``BORDER_REFLECT_101`` outside the frame.
+    Returns ``(F, C, S, S)`` on ``frames.device`` (``frames.dtype``, float32 for uint8 frames, unrounded),
+    bilinear, ``BORDER_REFLECT_101`` outside the frame.
     """
     if frames.ndim != 4:
         raise ValueError(f"frames must be (N, C, H, W), got {tuple(frames.shape)}")
@@ -96,32 +108,46 @@ def warp_faces(frames: torch.Tensor, affines: torch.Tensor | np.ndarray, frame_i
         sel = torch.as_tensor(members, device=frames.device)
         out[sel] = F.grid_sample(src, grid.index_select(0, sel), mode="bilinear", padding_mode="reflection",
                                  align_corners=True)
-    return out.to(frames.dtype)
+    # integer frames give float crops: rounding them is the caller's choice (see BatchedVideoRestorer)
+    return out.to(frames.dtype) if frames.dtype.is_floating_point else out
 
 
 # ----------------------------------------------------------------------------- paste-back
-def _footprint(crop_to_image: np.ndarray, face_size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
-    """Clipped image rectangle ``(x0, y0, x1, y1)`` of a crop's footprint (+2 px), None if outside."""
+def _footprints(crop_to_image: np.ndarray, face_size: int, height: int, width: int) -> np.ndarray:
+    """Clipped image rectangles ``(F, 4)`` int64 ``(x0, y0, x1, y1)`` of the crops' footprints (+2 px),
+    as :func:`~codeformer_lightning.inference.paste.face_mask` cuts them; empty where ``x1 <= x0``."""
     corners = np.array([[0, 0], [face_size, 0], [0, face_size], [face_size, face_size]], dtype=np.float64)
-    pts = apply_affine(crop_to_image, corners)
-    x0, y0 = np.floor(pts.min(0)).astype(int) - 2
-    x1, y1 = np.ceil(pts.max(0)).astype(int) + 2
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return int(x0), int(y0), int(x1), int(y1)
+    pts = np.einsum("fij,cj->fci", crop_to_image[:, :, :2], corners) + crop_to_image[:, None, :, 2]
+    low = np.floor(pts.min(1)).astype(np.int64) - 2
+    high = np.ceil(pts.max(1)).astype(np.int64) + 2
+    low = np.maximum(low, 0)
+    high = np.minimum(high, [width, height])
+    return np.concatenate([low, high], 1)
+
+
+def _window_min(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``min(x[i : i + size])`` along ``dim`` (length ``n - size + 1``) in O(log size) elementwise passes:
+    windows of length ``a`` and ``b`` offset by ``b`` cover one of length ``a + b``, so lengths double."""
+    length = 1
+    while length < size:
+        step = min(length, size - length)
+        n = x.shape[dim]
+        x = torch.minimum(x.narrow(dim, 0, n - step), x.narrow(dim, step, n - step))
+        length += step
+    return x
 
 
 def _erode(mask: torch.Tensor, size: int) -> torch.Tensor:
     """cv2.erode with a ``size x size`` square (anchor at its centre, image border ignored).
 
-    A square's minimum is a row minimum of column minima: two 1-D passes, O(size) not O(size^2).
+    A square's minimum is a row minimum of column minima, and each of those a doubling of windows:
+    the cost does not grow with ``size`` (beyond its logarithm), unlike a max-pool.
     """
     if size <= 1:
         return mask
     before = size // 2
-    padded = F.pad(-mask, (before, size - 1 - before, before, size - 1 - before), value=-float("inf"))
-    return -F.max_pool2d(F.max_pool2d(padded, (1, size), stride=1), (size, 1), stride=1)
+    padded = F.pad(mask, (before, size - 1 - before, before, size - 1 - before), value=float("inf"))
+    return _window_min(_window_min(padded, size, -1), size, -2)
 
 
 def gaussian_kernel(ksize: int) -> torch.Tensor:
@@ -130,15 +156,60 @@ def gaussian_kernel(ksize: int) -> torch.Tensor:
     return torch.from_numpy(cv2.getGaussianKernel(int(ksize), 0).ravel().astype(np.float64))
 
 
+@functools.lru_cache(maxsize=64)
+def _band(ksize: int, block: int) -> np.ndarray:
+    """``(block + ksize - 1, block)`` float32: column ``i`` holds cv2's Gaussian taps at rows ``i .. i+ksize-1``,
+    so a window of ``block + ksize - 1`` padded samples times it is ``block`` blurred samples."""
+    taps = cv2.getGaussianKernel(int(ksize), 0).ravel()
+    band = np.zeros((block + ksize - 1, block), np.float64)
+    for i in range(block):
+        band[i : i + ksize, i] = taps
+    return band.astype(np.float32)
+
+
+def _reflect_101(length: int, before: int, total: int) -> np.ndarray:
+    """Source index ``(total,)`` of each sample of a line of ``length`` padded by ``before`` at the start
+    with cv2's ``BORDER_REFLECT_101`` (``dcb|abcd|cba``, repeated for pads longer than the line)."""
+    period = max(2 * (length - 1), 1)
+    src = np.mod(np.arange(total) - before, period)
+    return np.where(src >= length, period - src, src)
+
+
+def _blur_columns(x: torch.Tensor, ksize: int) -> torch.Tensor:
+    """cv2's 1-D Gaussian (``BORDER_REFLECT_101``) along dim -2 of ``(..., h, w)``; returns ``(..., h, w)``.
+
+    Blocks of ``block`` output rows each read ``block + ksize - 1`` padded rows: one batched product with
+    a small band matrix, work ``h * (block + ksize)`` per column instead of a full ``h x h`` product and
+    far faster than a 1-channel convolution with a long kernel on the CPU.
+    """
+    length, pad = x.shape[-2], ksize // 2
+    block = max(64, ksize)
+    blocks = -(-length // block)
+    padded = x.index_select(-2, torch.from_numpy(_reflect_101(length, pad, blocks * block + 2 * pad)).to(x.device))
+    # overlapping windows (..., blocks, block + 2 pad, w) as a strided view: rows stay contiguous for BLAS
+    windows = padded.unfold(-2, block + 2 * pad, block).transpose(-1, -2)
+    band = torch.from_numpy(_band(ksize, block)).to(device=x.device, dtype=x.dtype)
+    return torch.matmul(band.T, windows).flatten(-3, -2)[..., :length, :]
+
+
 def _blur(mask: torch.Tensor, ksize: int) -> torch.Tensor:
-    """cv2.GaussianBlur(mask, (ksize, ksize), 0) with its default ``BORDER_REFLECT_101``."""
-    k = gaussian_kernel(ksize).to(mask)
-    pad = ksize // 2
-    height, width = mask.shape[-2:]
-    # torch's "reflect" is REFLECT_101 but needs pad < size; a sliver of a face at the frame edge may be smaller
-    mode = "reflect" if pad < min(height, width) else "replicate"
-    out = F.conv2d(F.pad(mask, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(out, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1))
+    """cv2.GaussianBlur(mask, (ksize, ksize), 0) with its default ``BORDER_REFLECT_101``, ``(..., h, w)`` float."""
+    if ksize <= 1:
+        return mask
+    return _blur_columns(_blur_columns(mask.mT, ksize).mT, ksize)
+
+
+def _square_coverage(u: torch.Tensor, v: torch.Tensor, face_size: int) -> torch.Tensor:
+    """Bilinear sample (zeros outside) of an all-ones ``face_size`` square at pixel coordinates ``(u, v)``.
+
+    What ``grid_sample(ones, padding_mode="zeros", align_corners=True)`` gives, in closed form: in 1-D
+    the in-square weight is 1 inside ``[0, S-1]`` and falls linearly to 0 one pixel outside; bilinear
+    weights are products, so the 2-D coverage is the product of the 1-D ones.
+    """
+    def ramp(t: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(t + 1.0, face_size - t).clamp_(0.0, 1.0)
+
+    return ramp(u).mul_(ramp(v))
 
 
 def paste_faces(
@@ -147,18 +218,22 @@ def paste_faces(
     affines: torch.Tensor | np.ndarray,
     frame_index: torch.Tensor | np.ndarray,
     feather: int | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Blend restored aligned faces back into their frames, all on ``frames.device``.
 
-    ``frames``: ``(N, C, H, W)`` float; ``faces``: ``(F, C, S, S)`` in the same value range;
-    ``affines``: ``(F, 2, 3)`` image -> crop (those that cut the faces out); ``frame_index``: ``(F,)``.
-    ``feather``: blend width in image pixels (default: as the single-face path, ~5% of the face width).
-    Returns new frames ``(N, C, H, W)`` (float, unrounded); several faces of one frame are blended in
-    the order given, later over earlier. Faces entirely outside their frame are skipped.
+    ``frames``: ``(N, C, H, W)`` float, or uint8 (then each blended face is rounded to uint8 as the
+    single-face path does); ``faces``: ``(F, C, S, S)`` float in the same value range (0-255 for uint8
+    frames); ``affines``: ``(F, 2, 3)`` image -> crop (those that cut the faces out); ``frame_index``:
+    ``(F,)``. ``feather``: blend width in image pixels (default: as the single-face path, ~5% of the
+    face width). ``inplace``: blend into ``frames`` itself instead of a copy.
+    Returns frames ``(N, C, H, W)`` of ``frames.dtype`` (float ones unrounded); several faces of one
+    frame are blended in the order given, later over earlier. Faces entirely outside their frame are skipped.
 
-    Work is batched over a common tile (the largest face footprint): one ``grid_sample`` for all
-    faces, one for all masks, erosion and blur per distinct (rim, feather) pair; only the final
-    blend into the frame loops over faces, as it must to composite in order.
+    Only each face's rectangle in its frame is worked on. Faces are grouped by mask recipe (rim and
+    feather widths) and footprint size (within a factor of sqrt 2); a group shares one tile, the
+    largest footprint of its members, and gets one ``grid_sample``, one closed-form mask, one erosion
+    and one blur. Only the final blend into the frames loops over faces, as it must to composite in order.
     """
     if frames.ndim != 4 or faces.ndim != 4 or faces.shape[1] != frames.shape[1] or faces.shape[2] != faces.shape[3]:
         raise ValueError(f"need frames (N,C,H,W) and faces (F,C,S,S), got {tuple(frames.shape)}, {tuple(faces.shape)}")
@@ -168,46 +243,55 @@ def paste_faces(
         raise ValueError(f"got {faces.shape[0]} faces, {len(m)} affines and {len(index)} frame indices")
     if len(index) and (index.min() < 0 or index.max() >= frames.shape[0]):
         raise ValueError(f"frame_index out of range for {frames.shape[0]} frames")
-    out = frames.clone()
+    out = frames if inplace else frames.clone()
+    if len(index) == 0:
+        return out
     height, width = frames.shape[-2:]
     face_size = faces.shape[-1]
-    crop_to_image = [invert_affine(a) for a in m]
-    rois = [_footprint(inv, face_size, height, width) for inv in crop_to_image]
-    live = [i for i, r in enumerate(rois) if r is not None]
-    if not live:
-        return out
-    tile_h = max(rois[i][3] - rois[i][1] for i in live)
-    tile_w = max(rois[i][2] - rois[i][0] for i in live)
-    # tiles keep their face's footprint and stay inside the frame, so a footprint cut by the frame
-    # edge has its tile border on that edge too (the erosion and blur borders then match cv2's)
-    origins = np.array([[min(rois[i][0], width - tile_w), min(rois[i][1], height - tile_h)] for i in live], np.float64)
     device = frames.device
-    grid = _sampling_grid(m[live], origins, tile_h, tile_w, face_size, face_size, device)
+    linear_inv = np.linalg.inv(m[:, :, :2])
+    crop_to_image = np.concatenate([linear_inv, -linear_inv @ m[:, :, 2:]], 2)
+    rois = _footprints(crop_to_image, face_size, height, width)
+    sizes = rois[:, 2:] - rois[:, :2]  # (w, h)
+    scales = np.sqrt(np.abs(np.linalg.det(linear_inv)))  # image px per crop px
+
+    groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+    for i in np.nonzero((sizes > 0).all(1))[0]:
+        rim = max(2, int(round(2 * scales[i])))
+        width_f = default_feather(face_size * scales[i]) if feather is None else int(feather)
+        # faces of very different sizes would waste most of a shared tile
+        size_class = int(np.ceil(2 * np.log2(sizes[i].max())))
+        groups[(rim, width_f, size_class)].append(int(i))
+
+    tiles: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
     source = faces.float()
-    if len(live) < len(rois):
-        source = source.index_select(0, torch.as_tensor(live, device=device))
-    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="border",
-                           align_corners=True)
-    square = torch.ones(1, 1, face_size, face_size, device=device).expand(len(live), 1, face_size, face_size)
-    masks = F.grid_sample(square, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for j, i in enumerate(live):
-        scale = float(np.sqrt(abs(np.linalg.det(crop_to_image[i][:, :2]))))  # image px per crop px
-        rim = max(2, int(round(2 * scale)))
-        width_f = default_feather(face_size * scale) if feather is None else int(feather)
-        groups[(rim, width_f)].append(j)
-    for (rim, width_f), members in groups.items():
-        sel = torch.as_tensor(members, device=device)
-        mask = _erode(masks.index_select(0, sel), rim)
+    for (rim, width_f, _), members in groups.items():
+        tile_w, tile_h = (int(t) for t in sizes[members].max(0))
+        # tiles keep their face's footprint and stay inside the frame, so a footprint cut by the frame
+        # edge has its tile border on that edge too (the erosion and blur borders then match cv2's)
+        origins = np.stack([np.minimum(rois[members, 0], width - tile_w),
+                            np.minimum(rois[members, 1], height - tile_h)], 1)
+        origins = origins.astype(np.float64)
+        grid = _sampling_grid(m[members], origins, tile_h, tile_w, face_size, face_size, device)
+        picked = source if members == list(range(len(index))) else source.index_select(
+            0, torch.as_tensor(members, device=device))
+        warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        mask = _square_coverage(*_lattice_map(m[members], origins, tile_h, tile_w, device), face_size).unsqueeze(1)
+        # eroding by the rim's square then the feather's equals one erosion by their Minkowski sum
+        # (a square of side rim + 2 * feather, centres adding up to its centre)
+        mask = _erode(mask, rim + 2 * width_f if width_f > 0 else rim)
         if width_f > 0:
-            mask = _blur(_erode(mask, 2 * width_f + 1), 4 * width_f + 1)
-        masks[sel] = mask.clamp(0.0, 1.0)
+            mask = _blur(mask, 4 * width_f + 1)
+        mask = mask.clamp_(0.0, 1.0)
+        for j, i in enumerate(members):
+            tiles[i] = (warped[j], mask[j], int(origins[j, 0]), int(origins[j, 1]))
 
-    warped = warped.to(out.dtype)
-    masks = masks.to(out.dtype)
-    for j, i in enumerate(live):
-        x0, y0 = int(origins[j, 0]), int(origins[j, 1])
-        region = out[index[i], :, y0 : y0 + tile_h, x0 : x0 + tile_w]
-        region.add_(masks[j] * (warped[j] - region))
+    rounded = not out.dtype.is_floating_point
+    for i in sorted(tiles):
+        warped, mask, x0, y0 = tiles[i]
+        region = out[index[i], :, y0 : y0 + warped.shape[-2], x0 : x0 + warped.shape[-1]]
+        if rounded:
+            region.copy_(region.float().lerp_(warped, mask).round_().clamp_(0, 255))
+        else:
+            region.lerp_(warped.to(region.dtype), mask.to(region.dtype))
     return out

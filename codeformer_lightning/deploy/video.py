@@ -160,10 +160,15 @@ class BatchedVideoRestorer:
 
     @torch.inference_mode()
     def restore_tensor(self, frames: torch.Tensor, affines: np.ndarray, frame_index: np.ndarray, w: float = 0.5) -> torch.Tensor:
-        """Frames ``(N, 3, H, W)`` float in [0, 255] on the device -> restored frames, same layout.
+        """Frames ``(N, 3, H, W)`` on the device, float in [0, 255] or uint8 -> restored frames, same layout
+        and dtype (uint8 frames get each pasted face rounded, as the single-face path does).
 
         ``affines`` ``(F, 2, 3)`` and ``frame_index`` ``(F,)`` as from :meth:`find_faces`.
         """
+        return self._restore_tensor(frames, affines, frame_index, w, inplace=False)
+
+    def _restore_tensor(self, frames: torch.Tensor, affines: np.ndarray, frame_index: np.ndarray, w: float,
+                        inplace: bool) -> torch.Tensor:
         if len(frame_index) == 0:
             return frames
         with self._timed("align"):
@@ -172,7 +177,7 @@ class BatchedVideoRestorer:
         with self._timed("network"):
             restored = self.restore_crops(crops, w)
         with self._timed("paste"):
-            return paste_faces(frames, restored, affines, frame_index, self.feather)
+            return paste_faces(frames, restored, affines, frame_index, self.feather, inplace=inplace)
 
     def restore_frames(self, frames: Sequence[np.ndarray], w: float = 0.5) -> list[np.ndarray]:
         """Restore frames ``(H, W, 3)`` uint8 RGB (all one size); returns new frames, same layout."""
@@ -193,10 +198,12 @@ class BatchedVideoRestorer:
         if len(index) == 0:
             return [f.copy() for f in chunk]
         with self._timed("upload"):
-            frames = torch.from_numpy(np.stack(chunk)).to(self.device).permute(0, 3, 1, 2).float()
-        restored = self.restore_tensor(frames, affines, index, w)
+            # uint8 all the way: a quarter of the bytes to move, no whole-frame float copy to round back,
+            # and on the CPU the batch is pasted straight into the stacked array (no copy at all)
+            frames = torch.from_numpy(np.stack(chunk)).to(self.device).permute(0, 3, 1, 2)
+        restored = self._restore_tensor(frames, affines, index, w, inplace=True)
         with self._timed("download"):
-            result = restored.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            result = restored.permute(0, 2, 3, 1).cpu().numpy()
         return list(result)
 
     # ------------------------------------------------------------------ files
