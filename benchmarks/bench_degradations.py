@@ -12,6 +12,7 @@ Also times the torch batch path (``gpu_degradations.degrade_batch``) -- on CPU h
 
     python benchmarks/bench_degradations.py                 # ~1 minute
     python benchmarks/bench_degradations.py --pairs 100 --device cuda
+    python benchmarks/bench_degradations.py --profile --presets stage3_small   # time per step and route
 """
 
 from __future__ import annotations
@@ -87,6 +88,106 @@ def ours_degrade(img_u8: np.ndarray, cfg: D.DegradationConfig, rng: np.random.Ge
     return torch.from_numpy(lq).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+# ----------------------------------------------------------------------------- per-step profile
+class _StepTimer:
+    """Accumulates wall time per named step."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def __call__(self, name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.ms[name] = self.ms.get(name, 0.0) + 1000 * (time.perf_counter() - start)
+        self.count[name] = self.count.get(name, 0) + 1
+        return out
+
+
+def _chosen_route(img: np.ndarray, params: D.DegradationParams) -> tuple[str, np.ndarray, object]:
+    kernel = D.crop_kernel(params.kernel, D.SVD_TOLERANCE / 2)
+    terms = D.separable_terms(kernel, D.SVD_TOLERANCE / 2)
+    out_size = params.out_size or img.shape[:2]
+    costs = D._route_costs(img.shape[:2], out_size, kernel.shape[0], terms)
+    return min(costs, key=costs.get), kernel, terms
+
+
+def profile_ours(img: np.ndarray, cfg: D.DegradationConfig, pairs: int, seed: int = 0) -> _StepTimer:
+    """``degrade`` split into its steps (same draws, same calls), blur + downsample per route."""
+    t, rng = _StepTimer(), np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    for _ in range(pairs):
+        p = t("sample params", D.sample_params, cfg, rng, (h, w))
+        out_size = p.out_size or (h, w)
+        if p.kernel is not None:
+            route, kernel, terms = t("crop + SVD + route", _chosen_route, img, p)
+            low = t(
+                f"blur+down [{route}, {p.kernel_kind}]", D._blur_by_route, img, kernel, terms, out_size, route
+            )
+        else:
+            low = t("downsample", D.blur_and_downsample, img, None, p.out_size)
+        if p.noise_sigma > 0:
+            low += t("noise", D.gaussian_noise, low.shape, p.noise_sigma, rng)
+        out = t("round to uint8", lambda x: np.clip(np.rint(x), 0, 255).astype(np.uint8), low)
+        if p.jpeg_quality is not None:
+            out = t("JPEG", D.jpeg_round_trip, out, p.jpeg_quality)
+        if out.shape[:2] != (h, w):
+            out = t("upsample", cv2.resize, np.ascontiguousarray(out), (w, h), None, 0, 0, cv2.INTER_LINEAR)
+        if p.color_shift is not None:
+            out = t("colour shift", D.shift_colors, out, p.color_shift)
+        if p.gray:
+            out = t("gray", D.to_gray3, out)
+        t("to tensor", lambda x: torch.from_numpy(x).permute(2, 0, 1).float().div_(127.5).sub_(1.0), out)
+    return t
+
+
+def profile_baseline(img: np.ndarray, cfg: D.DegradationConfig, pairs: int, seed: int = 0) -> _StepTimer:
+    """``baseline_degrade`` split into its steps (same draws, same calls)."""
+    t, rs = _StepTimer(), np.random.RandomState(seed)
+    h, w = img.shape[:2]
+    for _ in range(pairs):
+        x = t("to float", lambda a: a.astype(np.float32) / 255.0, img)
+        if cfg.blur:
+            x = t("blur (41x41 filter2D)", cv2.filter2D, x, -1, t("kernel", baseline_kernel, rs, cfg))
+        if cfg.downsample:
+            scale = rs.uniform(*cfg.downsample_range)
+            x = t(
+                "downsample", cv2.resize, x, (int(w // scale), int(h // scale)), None, 0, 0, cv2.INTER_LINEAR
+            )
+        if cfg.noise:
+            sigma = rs.uniform(*cfg.noise_range) / 255.0
+            x = t("noise", lambda a, s=sigma: np.clip(a + np.float32(rs.randn(*a.shape)) * s, 0, 1), x)
+        if cfg.jpeg:
+            q = int(rs.uniform(*cfg.jpeg_range))
+
+            def jpeg(a, q=q):
+                _, enc = cv2.imencode(".jpg", a * 255.0, [int(cv2.IMWRITE_JPEG_QUALITY), q])
+                return np.float32(cv2.imdecode(enc, 1)) / 255.0
+
+            x = t("JPEG", jpeg, x)
+        if x.shape[:2] != (h, w):
+            x = t("upsample", cv2.resize, x, (w, h), None, 0, 0, cv2.INTER_LINEAR)
+        if cfg.color_jitter_prob and rs.uniform() < cfg.color_jitter_prob:
+            shift = rs.uniform(-cfg.color_jitter_shift, cfg.color_jitter_shift, 3).astype(np.float32) / 255
+            x = t("colour shift", lambda a, s=shift: np.clip(a + s, 0, 1), x)
+        if cfg.gray_prob and rs.uniform() < cfg.gray_prob:
+            x = t("gray", lambda a: np.tile(cv2.cvtColor(a, cv2.COLOR_BGR2GRAY)[:, :, None], (1, 1, 3)), x)
+        t("to tensor", lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) * 2 - 1, x)
+    return t
+
+
+def print_profile(name: str, img: np.ndarray, cfg: D.DegradationConfig, pairs: int) -> None:
+    for label, timer in (
+        ("baseline", profile_baseline(img, cfg, pairs)),
+        ("ours", profile_ours(img, cfg, pairs)),
+    ):
+        total = sum(timer.ms.values())
+        print(f"  {name} {label}: {total / pairs:.2f} ms/pair")
+        for step, ms in sorted(timer.ms.items(), key=lambda kv: -kv[1]):
+            n = timer.count[step]
+            print(f"    {step:<34}{ms / pairs:>7.2f} ms/pair {n:>5d} calls {ms / n:>7.2f} ms/call")
+
+
 # ----------------------------------------------------------------------------- timing
 def face_image(size: int) -> np.ndarray:
     """A real photograph (scikit-image's astronaut, bundled: no download) at ``size`` px."""
@@ -111,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", default=["stage2", "stage3_small", "stage3_large"])
     parser.add_argument("--batch", type=int, default=8, help="batch size of the torch path")
     parser.add_argument("--device", default="cpu", help="device of the torch batch path")
+    parser.add_argument("--profile", action="store_true", help="also print the time of every step and route")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -134,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         b, o = statistics.median(base), statistics.median(ours)
         print(f"{name:<14}{b:>12.1f}{o:>10.1f}{o / b:>7.2f}x")
+    if args.profile:
+        print(f"per step, {args.pairs * args.rounds} pairs per preset:")
+        for name in args.presets:
+            print_profile(name, img, D.preset(name), args.pairs * args.rounds)
 
     device = torch.device(args.device)
     x = (

@@ -4,17 +4,19 @@ All functions work on ``(H, W, 3) uint8 RGB`` numpy images and draw every random
 ``numpy.random.Generator`` passed in, so a dataset that derives the generator from (seed, epoch,
 index) gets reproducible pairs.
 
-Speed: blur followed by a bilinear downsample is one linear map per axis. Per axis it is a small
-matrix ``(n_out, n_in)`` (the bilinear taps of ``cv2.resize(INTER_LINEAR)`` composed with the 1-D
-blur taps and the reflect-101 border of ``cv2.filter2D``), so blur + downsample of the whole image
-is ``A @ X @ C``: BLAS products over the band of each chunk of output rows, which only ever
-evaluate the blurred image at the rows and columns the downsample reads. An isotropic Gaussian
-is exactly separable (rank 1); an anisotropic one is applied as a sum of rank-1 terms from its SVD, truncated where the dropped
-terms change no pixel by more than 0.05 grey levels (a bound). Large kernels at little or no
-downsampling (where the matrices get big) go through a few full-resolution ``sepFilter2D``
-passes on the uint8 image (OpenCV's fixed-point path), high-rank kernels (motion blur, thin
-rotated Gaussians) through ``cv2.filter2D`` (DFT-based for 41x41). Everything after the
-downsample works on the small image; noise comes from OpenCV's generator seeded by ``rng``.
+Speed: the 41x41 kernel is first cropped to its support (the dropped taps move no pixel by more
+than 0.025 grey levels: a sigma=0.1 kernel is 1x1, sigma=1 about 9x9). Blur followed by a bilinear
+downsample is one linear map per axis: per axis a small matrix ``(n_out, n_in)`` (the bilinear taps
+of ``cv2.resize(INTER_LINEAR)`` composed with the 1-D blur taps and the reflect-101 border of
+``cv2.filter2D``), so blur + downsample of the whole image is ``A @ X @ C``: BLAS products over
+the band of each chunk of output rows, which only evaluate the blurred image where the downsample
+reads it. An isotropic Gaussian is exactly separable (rank 1); an anisotropic one is a sum of
+rank-1 terms from its SVD (exactly even or odd taps), truncated where the dropped terms change no
+pixel by more than 0.025 grey levels (a bound). Each draw then takes the route with the lowest
+estimated cost: the banded matrices (small outputs, few terms), full-resolution ``sepFilter2D``
+passes (few terms, little downsampling), a direct ``filter2D`` (a few taps) or a whole-image
+``cv2.dft`` correlation (thin rotated kernels: rank up to ~35). Everything after the downsample
+works on the small image; noise comes from OpenCV's generator seeded by ``rng``.
 """
 
 from __future__ import annotations
@@ -285,24 +287,62 @@ def separable_terms(
     Terms are kept until the dropped ones can change no pixel of a 0..255 image by more than ``tol``
     (bound: ``255 * sum s_k |u_k|_1 |v_k|_1``); ``None`` when that needs more than ``max_terms``.
     """
-    u, s, vt = np.linalg.svd(kernel)
+    rank1 = _exact_outer(kernel)
+    if rank1 is not None:  # isotropic Gaussians, axis-aligned ones: no SVD needed
+        return [rank1]
+    if kernel.shape[0] == kernel.shape[1] and np.allclose(kernel, kernel[::-1, ::-1], rtol=0, atol=1e-12):
+        # a point-symmetric kernel maps even vectors to even ones and odd to odd: decomposing the two
+        # blocks separately gives exactly (anti)symmetric taps, which OpenCV filters ~6x faster, even
+        # where singular values (nearly) coincide and a plain SVD would mix even and odd vectors
+        u, s, vt = _parity_svd(kernel)
+    else:
+        u, s, vt = np.linalg.svd(kernel)
     bound = 255.0 * s * np.abs(u).sum(0) * np.abs(vt).sum(1)
     tail = np.cumsum(bound[::-1])[::-1]  # tail[k] = bound of dropping terms k, k+1, ...
     keep = int(np.argmax(np.append(tail, 0.0) <= tol))
     if keep > max_terms:
         return None
-    terms = [(u[:, k] * math.sqrt(s[k]), vt[k] * math.sqrt(s[k])) for k in range(max(keep, 1))]
-    if np.allclose(kernel, kernel[::-1, ::-1], rtol=0, atol=1e-12):
-        # a point-symmetric kernel has even or odd singular vectors; making them exactly so removes
-        # rounding noise and lets OpenCV take its (anti)symmetric-kernel fast path (~6x)
-        terms = [(_parity(v), _parity(h)) for v, h in terms]
-    return terms
+    return [(u[:, k] * math.sqrt(s[k]), vt[k] * math.sqrt(s[k])) for k in range(max(keep, 1))]
 
 
-def _parity(taps: np.ndarray) -> np.ndarray:
-    """The even or the odd part of ``taps``, whichever dominates."""
-    even, odd = (taps + taps[::-1]) / 2, (taps - taps[::-1]) / 2
-    return even if np.abs(even).sum() >= np.abs(odd).sum() else odd
+def _exact_outer(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(v, h)`` with ``outer(v, h) == kernel`` to float64 rounding, or ``None`` if no such pair exists."""
+    cy, cx = kernel.shape[0] // 2, kernel.shape[1] // 2
+    centre = kernel[cy, cx]
+    if centre <= 0:
+        return None
+    v, h = kernel[:, cx], kernel[cy, :] / centre
+    if np.abs(np.outer(v, h) - kernel).max() > 1e-12 * np.abs(kernel).max():
+        return None
+    return v.copy(), h.copy()
+
+
+def _parity_bases(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal bases ``(size, size//2 + 1)`` of even and ``(size, size//2)`` of odd vectors
+    (``v[c + i] = +-v[c - i]`` around the centre ``c``) of odd length ``size``."""
+    c = size // 2
+    even = np.zeros((size, c + 1))
+    odd = np.zeros((size, c))
+    even[c, 0] = 1.0
+    for i in range(1, c + 1):
+        even[c + i, i] = even[c - i, i] = math.sqrt(0.5)
+        odd[c + i, i - 1], odd[c - i, i - 1] = math.sqrt(0.5), -math.sqrt(0.5)
+    return even, odd
+
+
+def _parity_svd(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SVD ``(u, s, vt)`` of a point-symmetric odd-sized kernel, every singular vector exactly even or odd."""
+    us, ss, vts = [], [], []
+    for basis in _parity_bases(kernel.shape[0]):
+        if basis.shape[1] == 0:
+            continue
+        u, s, vt = np.linalg.svd(basis.T @ kernel @ basis)
+        us.append(basis @ u)
+        ss.append(s)
+        vts.append(vt @ basis.T)
+    s = np.concatenate(ss)
+    order = np.argsort(-s, kind="stable")
+    return np.concatenate(us, 1)[:, order], s[order], np.concatenate(vts, 0)[order]
 
 
 def _band_chunks(mats: np.ndarray, rows_per_chunk: int) -> list[tuple[slice, int, int]]:
@@ -362,33 +402,107 @@ def _matrix_cost(n_terms: int, size: tuple[int, int], out_size: tuple[int, int],
     return n_terms * (h_out * band_v * w_in * 3 + w_out * band_h * h_out * 3)
 
 
-#: multiply-adds below which the banded matrix path beats full-resolution filtering (measured at
-#: 512 px, one thread: r >= 3 for an isotropic kernel); see benchmarks/bench_degradations.py
-_MATRIX_PATH_MACS = 4.0e7
-#: separable terms up to which full-resolution ``sepFilter2D`` passes beat one ``filter2D`` (DFT)
-_SEPARABLE_PATH_TERMS = 6
+# Route costs in nanoseconds, measured at 512 px on one thread (x86-64, OpenCV 4/5, OpenBLAS,
+# scipy's pocketfft; see benchmarks/bench_degradations.py --profile). Only their ratios matter: each
+# route's time grows with the work it does, so the cheapest route stays the cheapest on other machines
+# up to a constant factor near the crossovers, where the routes take about as long anyway.
+#: banded matrix path: per multiply-add of ``_matrix_cost`` and per extra separable term (the
+#: intermediate of every term is written, transposed and read again), plus building the matrices
+_NS_PER_MATRIX_MAC = 0.065
+_NS_MATRIX_TERM_OVERHEAD = 0.02  # per term and per input value (H * W * 3)
+_NS_MATRIX_FIXED = 4.0e5
+#: one full-resolution ``sepFilter2D`` pass (8U -> 32F, (anti)symmetric taps): per value and per tap
+_NS_SEPARABLE_VALUE, _NS_SEPARABLE_TAP = 0.3, 0.1
+#: direct (spatial) float32 ``filter2D``: per value and per tap; only used below OpenCV's DFT switch
+_NS_DIRECT_VALUE, _NS_DIRECT_TAP = 0.6, 0.045
+#: FFT correlation: per value of the padded transform (``3 * n * m``)
+_NS_FFT_VALUE = 5.0
+#: ``cv2.resize`` of the full-resolution float32 result: per input value
+_NS_RESIZE_VALUE = 0.3
+#: OpenCV's ``filter2D`` switches to its (slower) DFT for float32 kernels of at least this many taps
+_DIRECT_MAX_TAPS = 129
+
+
+def _fft_shape(size: tuple[int, int], taps: int) -> tuple[int, int]:
+    """Transform size of the FFT route: the image plus the kernel's reflected border, no wrap-around."""
+    return tuple(cv2.getOptimalDFTSize(n + taps - 1) for n in size)
+
+
+def _route_costs(size: tuple[int, int], out_size: tuple[int, int], taps: int, terms) -> dict[str, float]:
+    """Estimated nanoseconds of each route able to apply a ``taps x taps`` kernel (with ``terms``
+    separable terms, or ``None``) to an ``(H, W, 3)`` image and resample to ``out_size``."""
+    values = size[0] * size[1] * 3
+    resize = 0.0 if out_size == size else _NS_RESIZE_VALUE * values
+    costs = {}
+    if terms is not None:
+        n = len(terms)
+        costs["matrix"] = (
+            _NS_MATRIX_FIXED
+            + _NS_PER_MATRIX_MAC * _matrix_cost(n, size, out_size, taps)
+            + _NS_MATRIX_TERM_OVERHEAD * (n - 1) * values
+        )
+        costs["separable"] = n * values * (_NS_SEPARABLE_VALUE + _NS_SEPARABLE_TAP * taps) + resize
+    if taps * taps <= _DIRECT_MAX_TAPS:
+        costs["direct"] = values * (_NS_DIRECT_VALUE + _NS_DIRECT_TAP * taps * taps) + resize
+    fft_h, fft_w = _fft_shape(size, taps)
+    costs["fft"] = _NS_FFT_VALUE * 3 * fft_h * fft_w + resize
+    return costs
 
 
 def _separable_full_res(image: np.ndarray, terms) -> np.ndarray:
-    """``sum_k`` of ``sepFilter2D`` passes on the uint8 image, float32 grey levels.
+    """``sum_k`` of ``sepFilter2D`` passes on the uint8 image: ``(H, W, 3) float32`` grey levels.
 
-    Each pass writes int16 with its taps scaled so the largest possible response fills the range:
-    with (anti)symmetric taps OpenCV's 8U->16S path is ~2-3x faster than float32 output (and ~8x
-    faster than a 41x41 ``filter2D``); the rounding stays below 0.01 grey levels.
+    Float32 output, not a scaled int16 one: int16 is ~1.5x faster for 41 taps (the same below ~21),
+    but rounds every pixel to ~1/125 grey level, which zeroes the tails of an impulse response and
+    biases its mass and second moments by ~0.1%.
     """
     out = None
     for v, hz in terms:
-        gain = 32000.0 / (255.0 * float(np.abs(v).sum() * np.abs(hz).sum()))
         part = cv2.sepFilter2D(
-            image,
-            cv2.CV_16S,
-            (hz * gain).astype(np.float32),
-            v.astype(np.float32),
-            borderType=cv2.BORDER_REFLECT_101,
+            image, cv2.CV_32F, hz.astype(np.float32), v.astype(np.float32), borderType=cv2.BORDER_REFLECT_101
         )
-        part = part.astype(np.float32) * np.float32(1.0 / gain)
-        out = part if out is None else out + part
+        if out is None:
+            out = part
+        else:
+            out += part
     return out
+
+
+def fft_correlate(image: np.ndarray, kernel: np.ndarray) -> list[np.ndarray]:
+    """Correlate ``(H, W, 3) uint8`` with ``(K, K)`` ``kernel`` (odd ``K``, reflect-101 border) by FFT:
+    three ``(H, W) float32`` planes of grey levels (views into the transforms' outputs).
+
+    What ``cv2.filter2D`` computes, ~2.5x faster than its own DFT route at 512 px with a 41x41
+    kernel: one whole-image real transform per channel (``cv2.dft``, no tiling), the kernel's
+    transform shared; float32 rounding ~1e-4 grey levels.
+    """
+    h, w = image.shape[:2]
+    taps = kernel.shape[0]
+    radius = taps // 2
+    fft_h, fft_w = _fft_shape((h, w), taps)
+    padded = cv2.copyMakeBorder(image, radius, radius, radius, radius, cv2.BORDER_REFLECT_101)
+    # zeros up to the transform size: the outputs 0 .. H-1 read padded rows 0 .. H+K-2 only, so
+    # nothing wraps around
+    padded = cv2.copyMakeBorder(
+        padded, 0, fft_h - padded.shape[0], 0, fft_w - padded.shape[1], cv2.BORDER_CONSTANT, value=0
+    )
+    kernel_plane = np.zeros((fft_h, fft_w), np.float32)
+    kernel_plane[:taps, :taps] = kernel
+    kernel_spectrum = cv2.dft(kernel_plane)
+    planes = []
+    for channel in cv2.split(padded):
+        # correlation = product with the conjugate spectrum of the kernel (cv2.crossCorr does the same)
+        spectrum = cv2.mulSpectrums(cv2.dft(channel.astype(np.float32)), kernel_spectrum, 0, conjB=True)
+        planes.append(cv2.idft(spectrum, flags=cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT)[:h, :w])
+    return planes
+
+
+def _fft_blur_resize(image: np.ndarray, kernel: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """FFT route: blur, then ``cv2.resize`` to ``out_size`` plane by plane. ``(h, w, 3) float32``."""
+    planes = fft_correlate(image, kernel)
+    if tuple(out_size) != image.shape[:2]:
+        planes = [cv2.resize(p, out_size[::-1], interpolation=cv2.INTER_LINEAR) for p in planes]
+    return cv2.merge(planes)
 
 
 def blur_and_downsample(
@@ -397,8 +511,11 @@ def blur_and_downsample(
     """Blur ``(H, W, 3) uint8`` with ``kernel`` (correlation, reflect-101 border) and bilinearly resize
     to ``out_size = (h, w)``. Returns ``(h, w, 3) float32`` in grey levels (not rounded).
 
-    Picks the cheapest exact-enough route: banded matrices when the output is small, a few
-    separable full-resolution passes, or ``cv2.filter2D`` for high-rank kernels.
+    The kernel is first cropped to its support (taps outside change no pixel by more than 0.025
+    grey levels), then applied by the route with the lowest estimated cost: banded matrices that
+    only evaluate the pixels the downsample reads, a few separable full-resolution passes (low-rank
+    kernels), a direct ``filter2D`` (small high-rank kernels) or an FFT (large high-rank kernels).
+    All agree with ``cv2.filter2D`` of the full kernel, then ``cv2.resize``, to ~0.05 grey levels.
     """
     size = image.shape[:2]
     out_size = tuple(out_size) if out_size is not None else size
@@ -408,15 +525,25 @@ def blur_and_downsample(
         return cv2.resize(image.astype(np.float32), out_size[::-1], interpolation=cv2.INTER_LINEAR)
     kernel = crop_kernel(kernel, SVD_TOLERANCE / 2)
     terms = separable_terms(kernel, SVD_TOLERANCE / 2)
-    if terms is not None and _matrix_cost(len(terms), size, out_size, len(kernel)) <= _MATRIX_PATH_MACS:
+    costs = _route_costs(size, out_size, kernel.shape[0], terms)
+    return _blur_by_route(image, kernel, terms, out_size, min(costs, key=costs.get))
+
+
+def _blur_by_route(image: np.ndarray, kernel: np.ndarray, terms, out_size: tuple[int, int], route: str):
+    """``blur_and_downsample`` through one named route (``matrix`` and ``separable`` need ``terms``)."""
+    if route == "matrix":
         return _blur_downsample_matrices(image, terms, out_size)
-    if terms is not None and len(terms) <= _SEPARABLE_PATH_TERMS:
+    if route == "fft":
+        return _fft_blur_resize(image, kernel, out_size)
+    if route == "separable":
         blurred = _separable_full_res(image, terms)
-    else:
+    elif route == "direct":
         blurred = cv2.filter2D(
             image.astype(np.float32), -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101
         )
-    if out_size == size:
+    else:
+        raise ValueError(f"unknown blur route {route!r}")
+    if out_size == image.shape[:2]:
         return blurred
     return cv2.resize(blurred, out_size[::-1], interpolation=cv2.INTER_LINEAR)
 
