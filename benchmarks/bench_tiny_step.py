@@ -30,7 +30,7 @@ def main(batch: int = 4, iters: int = 10) -> None:
         model = cls(**cfg)
         x = torch.rand(batch, 3, size, size) * 2 - 1
 
-        def step():
+        def step(model=model, x=x):
             if isinstance(model, CodeFormer):
                 out = model.restore(x, w=1.0)
                 loss = out.image.abs().mean() + out.logits.logsumexp(-1).mean()

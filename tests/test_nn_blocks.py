@@ -3,7 +3,14 @@
 import torch
 import torch.nn.functional as F
 
-from codeformer_lightning.nn import AttnBlock, Downsample, FusionBlock, ResBlock, Upsample, adaptive_instance_norm
+from codeformer_lightning.nn import (
+    AttnBlock,
+    Downsample,
+    FusionBlock,
+    ResBlock,
+    Upsample,
+    adaptive_instance_norm,
+)
 from codeformer_lightning.nn.transformer import TransformerLayer
 
 

@@ -142,7 +142,7 @@ class LPIPS(nn.Module):
                 f"{' ...' if len(missing) > 4 else ''} ({len(missing)} of {2 * len(VGG16_CONVS)} keys). "
                 + _missing_message("Expected keys features.0.weight ... features.28.bias")
             )
-        for idx, cin, cout in VGG16_CONVS:
+        for idx, _, _ in VGG16_CONVS:
             self._copy(f"conv{idx}_weight", state[f"features.{idx}.weight"], weights_path)
             self._copy(f"conv{idx}_bias", state[f"features.{idx}.bias"], weights_path)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from reference_impl import RefQuantize  # tests/ is on sys.path (tests/conftest.py)
 
 from codeformer_lightning import load_pretrained
-from codeformer_lightning.nn import VQAutoEncoder, VectorQuantizer
+from codeformer_lightning.nn import VectorQuantizer, VQAutoEncoder
 from codeformer_lightning.nn.quantizer import CodebookTrainer, kmeans
 
 
