@@ -52,6 +52,9 @@ def load_autoencoder(path: str | Path) -> VQAutoEncoder:
 
 
 def _config_mismatch(a: Mapping, b: Mapping, keys: Iterable[str]) -> list[str]:
+    # configs record l2_normalize only when set (published-layout configs stay as they were)
+    a, b = {"l2_normalize": False, **a}, {"l2_normalize": False, **b}
+
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v
 
