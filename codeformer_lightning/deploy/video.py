@@ -26,6 +26,7 @@ from torch import nn
 
 from ..inference.align import estimate_alignment
 from ..inference.detection import Detector, MTCNNDetector
+from ..inference.restorer import center_face, precision_autocast
 from ..nn import CodeFormer
 from .batched import paste_faces, warp_faces
 
@@ -133,19 +134,15 @@ class BatchedVideoRestorer:
         with self._timed("detect"):
             for n, frame in enumerate(frames):
                 faces = self.detector.detect(frame)
-                if self.only_center_face and len(faces) > 1:
-                    centre = np.array([frame.shape[1] / 2.0, frame.shape[0] / 2.0])
-                    faces = [min(faces, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre)))]
+                if self.only_center_face:
+                    faces = center_face(faces, frame.shape)
                 for face in faces:
                     affines.append(estimate_alignment(face.landmarks, self.face_size))
                     index.append(n)
         return np.asarray(affines, np.float64).reshape(-1, 2, 3), np.asarray(index, np.int64)
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_autocast(self.device, self.precision)
 
     @torch.inference_mode()
     def restore_crops(self, crops: torch.Tensor, w: float = 0.5) -> torch.Tensor:

@@ -82,6 +82,21 @@ def draw_boxes(image: np.ndarray, faces: Sequence[Face], scale: float = 1.0) -> 
     return out
 
 
+def precision_autocast(device: torch.device, precision: str):
+    """Autocast context for ``precision`` in {"fp32", "bf16", "fp16"} on ``device`` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def center_face(faces: list[Face], image_shape: tuple[int, ...]) -> list[Face]:
+    """The one face whose box centre is nearest the image centre (all faces when there are fewer than 2)."""
+    if len(faces) <= 1:
+        return faces
+    centre = np.array([image_shape[1] / 2.0, image_shape[0] / 2.0])
+    return [min(faces, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2.0 - centre)))]
+
+
 class FaceRestorer:
     """Restore every face of whole photos (or already aligned faces) with a CodeFormer network.
 
@@ -162,10 +177,7 @@ class FaceRestorer:
         return self._detector
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_autocast(self.device, self.precision)
 
     @torch.inference_mode()
     def restore_faces(self, crops: Sequence[np.ndarray], ws: Sequence[float]) -> dict[float, list[np.ndarray]]:
@@ -185,10 +197,7 @@ class FaceRestorer:
         return out
 
     def _select(self, faces: list[Face], image_shape: tuple[int, ...]) -> list[Face]:
-        if not self.only_center_face or len(faces) <= 1:
-            return faces
-        centre = np.array([image_shape[1] / 2.0, image_shape[0] / 2.0])
-        return [min(faces, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2.0 - centre)))]
+        return center_face(faces, image_shape) if self.only_center_face else faces
 
     def _upscaled(self, image: np.ndarray) -> np.ndarray:
         if self.upscale == 1:
