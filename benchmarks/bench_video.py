@@ -176,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{model.img_size}px ({kind}), "
           f"CPU threads {torch.get_num_threads()}")
 
-    for device in devices:
+    # on CPU both geometry back ends of path (b): torch grid_sample (the GPU design) and cv2 warps
+    runs_b = [(d, g) for d in devices for g in (("torch", "cv2") if d == "cpu" else ("torch",))]
+    for device, geometry in runs_b:
         precision = args.precision if device.startswith("cuda") else "fp32"
         restorer = BatchedVideoRestorer(CodeFormer(**TINY) if args.geometry else copy.deepcopy(model), device=device,
                                         batch_size=args.batch_size, chunk_frames=args.frames, precision=precision,
-                                        profile=True)
+                                        profile=True, geometry=geometry)
         if args.geometry:  # the restorer takes only CodeFormers; swap in the identity afterwards
             restorer.model, restorer.face_size = model.to(device), model.img_size
         cpu_model = model.cpu()
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         def split(times: dict[str, float]) -> str:
             return ", ".join(f"{k} {1000 * v / n_faces:.1f}" for k, v in times.items() if v > 0)
 
-        print(f"\n[b on {device}, {precision}, batch {args.batch_size}]")
+        print(f"\n[b on {device}, {precision}, batch {args.batch_size}, {geometry} geometry]")
         print(f"  (a) one face at a time, CPU : {args.frames / ta:8.3f} frames/s  ({ta:.2f} s; ms/face: {split(times_a)})")
         print(f"  (b) batched on {device:<12}: {args.frames / tb:8.3f} frames/s  ({tb:.2f} s; ms/face: {split(times_b)})")
         print(f"  speed-up b/a: {ta / tb:.2f}x   align only: {times_a['align'] / max(times_b['align'], 1e-9):.2f}x"

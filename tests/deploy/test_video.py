@@ -78,9 +78,12 @@ def single_face_path(model, frame: np.ndarray, marks: list[np.ndarray], w: float
     return paste_back(frame, restored, affines) if restored else frame.copy()
 
 
-def test_batched_frames_match_the_single_face_path(tiny_model):
+@pytest.mark.parametrize("geometry", ["torch", "cv2"])
+def test_batched_frames_match_the_single_face_path(tiny_model, geometry):
     frames = [textured_image(20 + i) for i in range(3)]
-    restorer = vid.BatchedVideoRestorer(tiny_model, detector=ScriptedDetector(LANDMARKS), batch_size=2, chunk_frames=3)
+    restorer = vid.BatchedVideoRestorer(tiny_model, detector=ScriptedDetector(LANDMARKS), batch_size=2, chunk_frames=3,
+                                        geometry=geometry)
+    assert restorer.geometry == geometry
     out = restorer.restore_frames(frames, w=0.5)
     assert len(out) == 3 and all(o.shape == f.shape and o.dtype == np.uint8 for o, f in zip(out, frames))
     np.testing.assert_array_equal(out[1], frames[1])  # no face: untouched
@@ -100,6 +103,7 @@ def test_video_round_trip_keeps_frames_size_fps_and_audio(tiny_model, tmp_path):
     src = make_clip(tmp_path / "in.mp4", frames=6, fps=12)
     detector = ScriptedDetector(LANDMARKS)
     restorer = vid.BatchedVideoRestorer(tiny_model, detector=detector, batch_size=4, chunk_frames=4)
+    assert restorer.geometry == "cv2"  # auto: OpenCV geometry on a CPU device
     report = restorer.restore_video(src, tmp_path / "out.mp4", w=0.7)
     info_in, info_out = vid.video_info(src), vid.video_info(tmp_path / "out.mp4")
     assert info_in["audio"] and info_out["audio"] and report.audio
@@ -137,3 +141,8 @@ def test_bad_inputs_give_clear_errors(tiny_model, tiny_weights, tmp_path, capsys
     assert "nope.pth" in capsys.readouterr().err
     assert vid.main([str(broken), str(tmp_path / "x.mp4"), "--weights", tiny_weights, "--device", "cpu"]) == 1
     assert "broken.mp4" in capsys.readouterr().err
+
+
+def test_unknown_geometry_backend_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="geometry must be one of"):
+        vid.BatchedVideoRestorer(tiny_model, geometry="opengl")
