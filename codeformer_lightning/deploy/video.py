@@ -220,8 +220,9 @@ class BatchedVideoRestorer:
         with self._timed("align"):
             crops = np.stack([warp_face(chunk[i], a, self.face_size) for a, i in zip(affines, index)])
         with self._timed("network"):
-            x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2)
-            restored = self.restore_crops(x, w).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            # float crops: restore_crops writes into a tensor of its input's dtype, and uint8 would truncate
+            x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float()
+            restored = self.restore_crops(x, w).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         with self._timed("paste"):
             out = []
             for n, frame in enumerate(chunk):
