@@ -145,7 +145,7 @@ def list_image_files(folder: str | os.PathLike, file_list: str | os.PathLike | N
     relative paths listed in ``file_list`` (one per line, ``#`` comments), in that order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
+        raise FileNotFoundError(f"{folder}: no such image folder (it does not exist or is not a folder)")
     if file_list is not None:
         lines = Path(file_list).read_text().splitlines()
         rel = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -181,7 +181,7 @@ class ImageFolderSource:
 
 
 # ----------------------------------------------------------------------------- the dataset
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` in [-1, 1]."""
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     return t.div_(127.5).sub_(1.0)
@@ -330,10 +330,10 @@ class FaceDataset(Dataset):
             sample["mask"] = torch.from_numpy(mask[None].astype(np.float32))
             if self.large_degradation is not None:
                 lq_large = np.where(mask[:, :, None], lq, lq_large)
-        sample["gt"] = _to_tensor(clean)
-        sample["lq"] = _to_tensor(lq)
+        sample["gt"] = image_to_tensor(clean)
+        sample["lq"] = image_to_tensor(lq)
         if self.large_degradation is not None:
-            sample["lq_large"] = _to_tensor(lq_large)
+            sample["lq_large"] = image_to_tensor(lq_large)
         if self.codes is not None:
             sample["codes"] = self.codes["hflip" if flip else "orig"][name].long()
         return sample

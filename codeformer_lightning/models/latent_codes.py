@@ -18,17 +18,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_pretrained
+from ..data.datasets import (
+    BadImageError,
+    BadImageWarning,
+    decode_image,
+    fit_size,
+    image_to_tensor,
+    list_image_files,
+)
 from ..nn import CodeFormer, VQAutoEncoder
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 class CodeTargetEncoder(nn.Module):
@@ -66,32 +72,31 @@ class CodeTargetEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the latent-code file
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder`` (or below it), sorted by path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such image folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return paths
-
-
 def read_image(path: Path, size: int) -> torch.Tensor:
-    """RGB image -> ``(3, size, size)`` float in [-1, 1] (bicubic resize when the size differs)."""
-    from PIL import Image
+    """Image file -> ``(3, size, size)`` float in [-1, 1], decoded and resized exactly as the training
+    data pipeline does (so the codes match the pixels stages II/III train on).
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    Raises :class:`~codeformer_lightning.data.datasets.BadImageError` naming a file that does not decode.
+    """
+    image = decode_image(Path(path).read_bytes(), str(path))
+    return image_to_tensor(fit_size(image, size, str(path), "resize", set()))
 
 
 def _batches(paths: Sequence[Path], batch_size: int) -> Iterator[Sequence[Path]]:
     for i in range(0, len(paths), batch_size):
         yield paths[i : i + batch_size]
+
+
+def _read_good(paths: Sequence[Path], size: int) -> tuple[list[torch.Tensor], list[Path]]:
+    # The data pipeline never delivers a file that does not decode, so it needs no codes: skip it, named.
+    images, good = [], []
+    for p in paths:
+        try:
+            images.append(read_image(p, size))
+            good.append(p)
+        except BadImageError as exc:
+            warnings.warn(f"{exc}; no codes written for it", BadImageWarning, stacklevel=3)
+    return images, good
 
 
 @torch.no_grad()
@@ -113,7 +118,10 @@ def compute_latent_codes(
     targets = CodeTargetEncoder(autoencoder).to(device)
     out: dict[str, dict[str, torch.Tensor]] = {"orig": {}, "hflip": {}}
     for chunk in _batches(list(paths), batch_size):
-        x = torch.stack([read_image(p, autoencoder.img_size) for p in chunk]).to(device)
+        images, chunk = _read_good(chunk, autoencoder.img_size)
+        if not chunk:
+            continue
+        x = torch.stack(images).to(device)
         for key, images in (("orig", x), ("hflip", x.flip(-1))):
             codes = targets(images).cpu()
             for p, c in zip(chunk, codes):
@@ -139,7 +147,7 @@ def write_latent_codes(
         raise ValueError(
             f"latent codes come from a stage I autoencoder (VQAutoEncoder), got a {type(autoencoder).__name__}"
         )
-    codes = compute_latent_codes(autoencoder, list_images(images), batch_size, device)
+    codes = compute_latent_codes(autoencoder, list_image_files(images), batch_size, device)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(codes, out)

@@ -147,7 +147,7 @@ def test_ddp_two_cpu_processes_split_the_data_without_duplicates(tmp_path):
         timeout=120,
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     for epoch in (0, 1):
         seen = [json.loads((tmp_path / "out" / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]
         assert len(seen[0]) == len(seen[1]) == 8

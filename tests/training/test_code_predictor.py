@@ -270,6 +270,25 @@ def test_latent_code_file_holds_original_and_flipped_codes(stage1, image_folder,
     assert codes["orig"]["face_02"].dtype == torch.long and codes["orig"]["face_02"].shape == (16,)
 
 
+def test_latent_codes_see_the_training_pixels_and_skip_bad_files(stage1, image_folder, tmp_path):
+    """Codes are computed from the pixels the data pipeline delivers (RGBA on white, same resize), and a
+    file that does not decode is named and skipped, not fatal."""
+    from codeformer_lightning.data.datasets import BadImageWarning, FaceDataset, ImageFolderSource
+
+    ae, path = stage1
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[8:32, 8:32] = (200, 50, 50, 255)  # a red square on a transparent background of another size
+    Image.fromarray(rgba, "RGBA").save(image_folder / "face_rgba.png")
+    (image_folder / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(BadImageWarning, match="broken.png"):
+        codes = read_latent_codes(write_latent_codes(path, image_folder, tmp_path / "codes.pth"))
+    assert "broken" not in codes["orig"] and "face_rgba" in codes["orig"]
+    with pytest.warns(BadImageWarning):
+        data = FaceDataset(ImageFolderSource(image_folder), 32, degradation="none", use_hflip=False)
+        sample = next(data[i] for i in range(len(data)) if data[i]["name"] == "face_rgba")
+    assert torch.equal(codes["orig"]["face_rgba"], CodeTargetEncoder(ae)(sample["gt"][None])[0])
+
+
 def test_latent_code_command(stage1, image_folder, tmp_path, capsys):
     _, path = stage1
     out = tmp_path / "sub" / "codes.pth"
