@@ -1,13 +1,12 @@
 """Reading image folders for evaluation and pairing restored images with their ground truth.
 
-Images are returned as ``(H, W, 3) uint8 RGB`` numpy arrays. Grayscale, palette, RGBA and 16-bit
-files are converted (with a warning naming the file); unreadable files raise
+Images are returned as ``(H, W, 3) uint8 RGB`` numpy arrays, read as ``codeformer-restore`` reads them
+(grayscale, palette, RGBA and 16-bit files converted); unreadable files raise
 :class:`ImageReadError` naming the file, so a batch job can record it and go on.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..inference.io import ImageReadError as InferenceReadError
+from ..inference.io import read_image as inference_read_image
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Images smaller than this on a side cannot hold a face worth measuring (SSIM's window is 11 px).
 MIN_SIDE = 11
-#: Refuse images above this many pixels (a decompression bomb or a wrong folder, not a face).
-MAX_PIXELS = 8192 * 8192
 
 
 class ImageReadError(ValueError):
@@ -72,67 +72,19 @@ def pair_folders(restored: str | Path, gt: str | Path) -> list[tuple[str, Path, 
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file -> ``(H, W, 3) uint8 RGB``.
-
-    Uses the restoration command's reader (:func:`codeformer_lightning.inference.io.read_image`:
-    EXIF orientation, 16-bit, grayscale, alpha composited on white) when it is importable, else a
-    local PIL reader. Raises ImageReadError (naming the file) for missing, corrupt or truncated
-    files and for images too small or too large to evaluate.
+    """Read an image file -> ``(H, W, 3) uint8 RGB`` with the restoration command's reader
+    (:func:`codeformer_lightning.inference.io.read_image`: EXIF orientation, 16-bit, grayscale, alpha
+    composited on white). Raises ImageReadError (naming the file) for missing, corrupt or truncated
+    files and for images too small to evaluate.
     """
     try:
-        from ..inference.io import ImageReadError as InferenceReadError
-        from ..inference.io import read_image as inference_read_image
-    except ImportError:
-        arr = _read_image_pil(path)
-    else:
-        try:
-            arr = inference_read_image(path)
-        except InferenceReadError as exc:
-            raise ImageReadError(str(exc)) from exc
+        arr = inference_read_image(path)
+    except InferenceReadError as exc:
+        raise ImageReadError(str(exc)) from exc
     if min(arr.shape[:2]) < MIN_SIDE:
         raise ImageReadError(
             f"{path}: {arr.shape[1]}x{arr.shape[0]} is too small to evaluate (min side {MIN_SIDE} px)"
         )
-    return arr
-
-
-def _read_image_pil(path: str | Path) -> np.ndarray:
-    """Fallback reader -> ``(H, W, 3) uint8 RGB``, converting grayscale/RGBA/16-bit with a warning."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here and not later
-            mode, size = img.mode, img.size
-            if size[0] * size[1] > MAX_PIXELS:
-                raise ImageReadError(
-                    f"{path}: {size[0]}x{size[1]} pixels is too large to evaluate (max {MAX_PIXELS})"
-                )
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit (or 32-bit int) grayscale: rescale to 8 bits by the type's range, not by the data's
-                arr = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
-                arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                warnings.warn(f"{path}: 16-bit grayscale image, converted to 8-bit RGB", stacklevel=2)
-                return np.repeat(arr[..., None], 3, axis=2)
-            if mode != "RGB":
-                if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-                    warnings.warn(f"{path}: has an alpha channel ({mode}); alpha ignored", stacklevel=2)
-                elif mode in ("L", "1"):
-                    warnings.warn(f"{path}: grayscale image, replicated to 3 channels", stacklevel=2)
-                elif mode not in ("P", "CMYK", "YCbCr"):
-                    warnings.warn(f"{path}: image mode {mode} converted to RGB", stacklevel=2)
-                img = img.convert("RGB")
-            arr = np.asarray(img, dtype=np.uint8).copy()
-    except ImageReadError:
-        raise
-    except FileNotFoundError as exc:
-        raise ImageReadError(f"{path}: no such file") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(
-            f"{path}: cannot be read as an image ({type(exc).__name__}: {exc}); corrupt or truncated?"
-        ) from exc
     return arr
 
 
