@@ -12,31 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-_VGG_CONVS = [
-    (0, 3, 64),
-    (2, 64, 64),
-    (5, 64, 128),
-    (7, 128, 128),
-    (10, 128, 256),
-    (12, 256, 256),
-    (14, 256, 256),
-    (17, 256, 512),
-    (19, 512, 512),
-    (21, 512, 512),
-    (24, 512, 512),
-    (26, 512, 512),
-    (28, 512, 512),
-]
+from random_weights import random_vgg16_state
 
 
 def vgg_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for idx, cin, cout in _VGG_CONVS:
-        state[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2.0 / (9 * cin)) ** 0.5
-        state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
-    return state
+    return random_vgg16_state(seed)
 
 
 def arcface_state(

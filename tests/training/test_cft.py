@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
+from random_weights import write_random_vgg16
 from torch.utils.data import DataLoader, Dataset
 
 from codeformer_lightning import CheckpointError, load_pretrained, save_published, save_weights
@@ -45,19 +46,6 @@ class Triplets(Dataset):
     def __getitem__(self, i: int) -> dict:
         i = i % len(self.tensors["gt"])
         return {k: v[i] for k, v in self.tensors.items()}
-
-
-def write_random_vgg16(path) -> str:
-    """Random weights in torchvision's vgg16 layout (``features.N.*``): exercises the LPIPS code paths."""
-    g = torch.Generator().manual_seed(0)
-    convs = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-             (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
-    state = {}
-    for idx, cin, cout in convs:
-        state[f"features.{idx}.weight"] = (torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5).half()
-        state[f"features.{idx}.bias"] = torch.zeros(cout).half()
-    torch.save(state, path)
-    return str(path)
 
 
 @pytest.fixture
@@ -323,7 +311,7 @@ def test_inpainting_variant_ignores_the_mask(synthetic_faces, make_trainer, loss
 
 @pytest.mark.filterwarnings("ignore:LPIPS. no linear heads")
 def test_perceptual_loss_and_lpips_metric_with_weights(data, stage1, stage2, make_trainer, loss_recorder, tmp_path):
-    vgg = write_random_vgg16(tmp_path / "vgg16.pth")
+    vgg = write_random_vgg16(tmp_path / "vgg16.pth", bias_std=0.0, dtype=torch.half)
     module = make_cft(stage1, stage2, disc=False, perceptual_weight=1.0, perceptual_weights=vgg, val_fidelities=(0.0, 1.0))
     make_trainer(1, callbacks=[loss_recorder]).fit(module, loader(data["train"], 1))
     logs = loss_recorder.logs[0]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from random_weights import write_random_vgg16
 from torch.utils.data import DataLoader, Dataset
 
 from codeformer_lightning import CheckpointError, load_pretrained, save_published, save_weights
@@ -69,19 +70,6 @@ def stage1_autoencoder(faces: torch.Tensor) -> VQAutoEncoder:
         pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:K]
         ae.quantize.embedding.weight.copy_(rows[pick])
     return ae
-
-
-def write_random_vgg16(path) -> str:
-    """Random weights in torchvision's vgg16 layout (``features.N.*``): exercises the LPIPS code paths."""
-    g = torch.Generator().manual_seed(0)
-    convs = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-             (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
-    state = {}
-    for idx, cin, cout in convs:
-        state[f"features.{idx}.weight"] = (torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5).half()
-        state[f"features.{idx}.bias"] = torch.zeros(cout).half()
-    torch.save(state, path)
-    return str(path)
 
 
 @pytest.fixture
@@ -318,7 +306,7 @@ def test_codes_from_the_batch_give_the_same_loss_as_on_the_fly(data, stage1, mak
 @pytest.mark.filterwarnings("ignore:LPIPS. no linear heads")
 def test_lpips_is_logged_when_perceptual_weights_are_given(data, stage1, make_trainer, tmp_path):
     _, path = stage1
-    module = make_module(path, perceptual_weights=write_random_vgg16(tmp_path / "vgg16.pth"))
+    module = make_module(path, perceptual_weights=write_random_vgg16(tmp_path / "vgg16.pth", bias_std=0.0, dtype=torch.half))
     metrics = make_trainer(0, limit_val_batches=1.0).validate(module, loader(data, 1, split="val_"), verbose=False)[0]
     restored = module.ema.module.restore(data["val_lq"], w=0.0).image.clamp(-1, 1)
     assert metrics["val/lpips"] == pytest.approx(module.lpips(restored, data["val_gt"]).mean().item(), rel=1e-4)

@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_weights import random_vgg16_state
 
 from codeformer_lightning.losses import LPIPS, VQGANLoss
 from codeformer_lightning.losses.perceptual import VGG16_FILE
 
-# torchvision vgg16 "features" conv indices and channels, written out independently of the package
-_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-          (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
 _LIN_CH = [64, 128, 256, 512, 512]
 _SLICE_OF = {0: 1, 2: 1, 5: 2, 7: 2, 10: 3, 12: 3, 14: 3, 17: 4, 19: 4, 21: 4, 24: 5, 26: 5, 28: 5}
 
 
 def _vgg_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for idx, cin, cout in _CONVS:
-        state[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2.0 / (9 * cin)) ** 0.5
-        state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
-    state["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision files also hold the classifier
-    return state
+    return random_vgg16_state(seed, classifier=True)  # torchvision files also hold the classifier
 
 
 def _lin_state(seed: int = 1) -> dict[str, torch.Tensor]:
