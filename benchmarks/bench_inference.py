@@ -22,9 +22,9 @@ import torch
 
 from codeformer_lightning.inference.align import estimate_alignment, warp_face
 from codeformer_lightning.inference.detection import MTCNNDetector
-from codeformer_lightning.inference.io import IMAGE_EXTENSIONS, read_image
 from codeformer_lightning.inference.paste import paste_back
 from codeformer_lightning.inference.restorer import FaceRestorer
+from codeformer_lightning.io import IMAGE_EXTENSIONS, read_image
 from codeformer_lightning.nn import CodeFormer
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[1] / ".." / "shared" / "faces" / "whole"

@@ -332,22 +332,24 @@ class VideoReader:
 
 
 class VideoWriter:
-    """Encode ``(height, width, 3) uint8 RGB`` frames into ``path`` at ``rate`` frames per second.
+    """Encode ``(H, W, 3) uint8 RGB`` frames into ``path`` at ``rate`` frames per second.
 
-    Output: ``codec`` (default libx264 at ``crf``) in yuv420p, constant frame rate. Odd sides are
-    padded to even by repeating the last column / row (module docstring); ``size`` holds the
-    output's ``(width, height)``. With ``audio_template`` (e.g. :attr:`VideoReader.audio_stream`)
-    an audio stream of the same codec is added and :meth:`copy_audio` muxes packets into it
-    unchanged; when the container does not accept that codec, ``audio`` stays False and ``notes``
-    says why. Use as a context manager: leaving it flushes the encoder and closes the file.
+    Output: ``codec`` (default libx264 at ``crf``) in yuv420p, constant frame rate. ``frame_size``
+    ``(width, height)`` of the frames to come; None: taken from the first frame (for frames whose
+    size is known only once made, e.g. upscaled ones), after which every frame must have it. Odd
+    sides are padded to even by repeating the last column / row (module docstring); ``size`` is
+    the output's ``(width, height)`` once known. With ``audio_template`` (e.g.
+    :attr:`VideoReader.audio_stream`) an audio stream of the same codec is added and
+    :meth:`copy_audio` muxes packets into it unchanged (held back until the first frame when the
+    size is not known yet); when the container does not accept that codec, ``audio`` is False and
+    ``notes`` says why. Use as a context manager: leaving it flushes the encoder and closes the file.
     """
 
     def __init__(
         self,
         path: str | Path,
-        width: int,
-        height: int,
         rate: Fraction | float | int,
+        frame_size: tuple[int, int] | None = None,
         codec: str = "libx264",
         crf: int = 18,
         audio_template: object | None = None,
@@ -355,27 +357,24 @@ class VideoWriter:
         import av
 
         self.path = Path(path)
-        if width < 1 or height < 1:
-            raise VideoError(f"{self.path}: frame size must be positive, got {width}x{height}")
-        self.width, self.height = int(width), int(height)
-        self.size = (self.width + self.width % 2, self.height + self.height % 2)
+        self.rate = Fraction(rate).limit_denominator(1_000_000)
+        if self.rate <= 0:
+            raise VideoError(f"{self.path}: frame rate must be positive, got {rate}")
+        self.codec, self.crf = codec, int(crf)
+        self.frame_size: tuple[int, int] | None = None
+        self.size: tuple[int, int] | None = None
         self.frames = 0
         self.notes: list[str] = []
+        self._video = None
+        self._held_audio: list[object] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._container = av.open(str(self.path), "w")
         except (av.error.FFmpegError, OSError) as exc:
             raise VideoError(f"{self.path}: cannot be created ({exc})") from None
-        try:
-            self._video = self._container.add_stream(codec, rate=Fraction(rate).limit_denominator(1_000_000))
-        except (av.error.FFmpegError, ValueError) as exc:
-            self._container.close()
-            raise VideoError(f"{self.path}: cannot encode with {codec!r} ({exc})") from None
-        self._video.width, self._video.height = self.size
-        self._video.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            self._video.options = {"crf": str(crf)}
         self._audio = self._add_audio(audio_template) if audio_template is not None else None
+        if frame_size is not None:
+            self._open_video(*frame_size)
 
     @property
     def audio(self) -> bool:
@@ -391,19 +390,40 @@ class VideoWriter:
             self.notes.append(f"audio ({template.codec_context.name}) not copied: {exc}")
             return None
 
-    def write(self, frame: np.ndarray) -> None:
-        """Encode one ``(height, width, 3) uint8 RGB`` frame."""
+    def _open_video(self, width: int, height: int) -> None:
         import av
 
-        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+        if width < 1 or height < 1:
+            raise VideoError(f"{self.path}: frame size must be positive, got {width}x{height}")
+        try:
+            self._video = self._container.add_stream(self.codec, rate=self.rate)
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise VideoError(f"{self.path}: cannot encode with {self.codec!r} ({exc})") from None
+        self.frame_size = (int(width), int(height))
+        self.size = (width + width % 2, height + height % 2)
+        self._video.width, self._video.height = self.size
+        self._video.pix_fmt = "yuv420p"
+        if self.codec == "libx264":
+            self._video.options = {"crf": str(self.crf)}
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one ``(H, W, 3) uint8 RGB`` frame (of ``frame_size``)."""
+        import av
+
+        if self._video is None and frame.ndim == 3:
+            self._open_video(frame.shape[1], frame.shape[0])
+        width, height = self.frame_size or (0, 0)
+        if frame.shape != (height, width, 3) or frame.dtype != np.uint8:
             raise VideoError(
-                f"{self.path}: frames must be ({self.height}, {self.width}, 3) uint8 RGB, "
-                f"got {frame.shape} {frame.dtype}"
+                f"{self.path}: frames must be ({height}, {width}, 3) uint8 RGB, got {frame.shape} {frame.dtype}"
             )
-        pad = ((0, self.size[1] - self.height), (0, self.size[0] - self.width), (0, 0))
+        pad = ((0, self.size[1] - height), (0, self.size[0] - width), (0, 0))
         if pad[0][1] or pad[1][1]:
             frame = np.pad(frame, pad, mode="edge")
         try:
+            for packet in self._held_audio:
+                self._container.mux(packet)
+            self._held_audio.clear()
             self._container.mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         except av.error.FFmpegError as exc:
             raise VideoError(f"{self.path}: encoding failed after {self.frames} frames ({exc})") from None
@@ -411,16 +431,27 @@ class VideoWriter:
 
     def copy_audio(self, packet: object) -> None:
         """Mux an audio packet of the template's stream unchanged (ignored when audio is not copied)."""
-        if self._audio is not None:
-            packet.stream = self._audio
+        if self._audio is None:
+            return
+        packet.stream = self._audio
+        if self._video is None:  # no stream may be written before all streams exist
+            self._held_audio.append(packet)
+        else:
             self._container.mux(packet)
 
     def close(self) -> None:
-        """Flush the encoder and close the file (safe to call twice)."""
+        """Flush the encoder and close the file (safe to call twice). Raises VideoError when no
+        frame was written (the file would not be a video)."""
         if self._container is None:
             return
+        import av
+
         try:
+            if self._video is None:
+                raise VideoError(f"{self.path}: no frame was written")
             self._container.mux(self._video.encode(None))
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{self.path}: finishing the encoding failed ({exc})") from None
         finally:
             self._container.close()
             self._container = None

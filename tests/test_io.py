@@ -223,7 +223,7 @@ def test_video_round_trip_pads_odd_sizes_keeps_rate_and_copies_audio(tmp_path):
         assert (reader.width, reader.height, reader.rate) == (34, 26, Fraction(12))
         # odd frames made by cropping the decoded ones: 33 x 25
         with cio.VideoWriter(
-            tmp_path / "out.mp4", 33, 25, reader.rate, crf=0, audio_template=reader.audio_stream
+            tmp_path / "out.mp4", reader.rate, (33, 25), crf=0, audio_template=reader.audio_stream
         ) as writer:
             assert writer.size == (34, 26) and writer.audio
             decoded = []
@@ -245,11 +245,23 @@ def test_video_round_trip_pads_odd_sizes_keeps_rate_and_copies_audio(tmp_path):
         a_in = [bytes(p) for p in src.demux(src.streams.audio[0]) if p.dts is not None]
         a_out = [bytes(p) for p in dst.demux(dst.streams.audio[0]) if p.dts is not None]
         assert a_out == a_in and len(a_in) > 3  # packets copied unchanged, all of them
-    assert cio.video_info(tmp_path / "out.mp4") == {
-        "frames": 5,
-        "fps": 12.0,
-        "width": 34,
-        "height": 26,
+    info = cio.video_info(tmp_path / "out.mp4")
+    assert info == {"frames": 5, "fps": 12.0, "width": 34, "height": 26, "audio": True}
+
+
+def test_video_size_from_the_first_frame_holds_audio_until_then(tmp_path):
+    _tone_packets_source(tmp_path / "in.mp4", frames=4, fps=8, width=16, height=16)
+    with cio.VideoReader(tmp_path / "in.mp4") as reader:
+        with cio.VideoWriter(tmp_path / "big.mp4", reader.rate, audio_template=reader.audio_stream) as writer:
+            assert writer.size is None
+            frames = reader.frames(on_audio=writer.copy_audio)
+            for frame in frames:  # e.g. an upscaled restoration: twice the size
+                writer.write(cv2.resize(frame, (32, 32)))
+    assert cio.video_info(tmp_path / "big.mp4") == {
+        "frames": 4,
+        "fps": 8.0,
+        "width": 32,
+        "height": 32,
         "audio": True,
     }
 
@@ -261,8 +273,11 @@ def test_video_errors_name_the_file(tmp_path):
         cio.VideoReader(broken)
     with pytest.raises(cio.VideoError, match="missing.mp4: no such video file"):
         cio.VideoReader(tmp_path / "missing.mp4")
-    with cio.VideoWriter(tmp_path / "o.mp4", 16, 16, 10) as writer:
+    with cio.VideoWriter(tmp_path / "o.mp4", 10, (16, 16)) as writer:
         with pytest.raises(cio.VideoError, match=r"o.mp4: frames must be \(16, 16, 3\) uint8"):
             writer.write(np.zeros((8, 8, 3), np.uint8))
         writer.write(np.zeros((16, 16, 3), np.uint8))
     assert cio.video_info(tmp_path / "o.mp4")["frames"] == 1
+    with pytest.raises(cio.VideoError, match="empty.mp4: no frame was written"):
+        with cio.VideoWriter(tmp_path / "empty.mp4", 10):
+            pass

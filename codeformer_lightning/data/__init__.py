@@ -1,14 +1,11 @@
-"""Training data: synthetic degradations, face datasets (folder / LMDB) and ``FaceDataModule``."""
+"""Training data: synthetic degradations, face datasets (folder / LMDB) and ``FaceDataModule``.
+
+Images are decoded by :mod:`codeformer_lightning.io` (``decode_image``, ``BadImageError``), the
+package's one reader.
+"""
 
 from .datamodule import DataEpochCallback, FaceDataModule
-from .datasets import (
-    BadImageError,
-    BadImageWarning,
-    FaceDataset,
-    ImageFolderSource,
-    decode_image,
-    list_image_files,
-)
+from .datasets import BadImageWarning, FaceDataset, ImageFolderSource, list_image_files
 from .degradations import (
     PRESETS,
     DegradationConfig,
@@ -22,7 +19,6 @@ from .lmdb import LmdbSource, pack_lmdb
 
 __all__ = [
     "PRESETS",
-    "BadImageError",
     "BadImageWarning",
     "DataEpochCallback",
     "DegradationConfig",
@@ -32,7 +28,6 @@ __all__ = [
     "ImageFolderSource",
     "LmdbSource",
     "apply_degradation",
-    "decode_image",
     "degrade",
     "list_image_files",
     "pack_lmdb",

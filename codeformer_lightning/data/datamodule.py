@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import TASKS, FaceDataset, ImageFolderSource
 from .degradations import PRESETS, DegradationConfig, preset
+from .latent_codes import read_latent_codes
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,6 @@ class FaceDataModule(pl.LightningDataModule):
         hp = self.hparams
         if self._train_source is None:
             if hp.latent_codes is not None:
-                from ..models.latent_codes import read_latent_codes
-
-                if not Path(hp.latent_codes).is_file():
-                    raise FileNotFoundError(
-                        f"latent-code file {hp.latent_codes} not found (write it with codeformer-latent-codes)"
-                    )
                 self._codes = read_latent_codes(hp.latent_codes)
             source = self._source(hp.train_dir, hp.train_lmdb, hp.file_list)
             train_idx = list(range(len(source)))

@@ -17,15 +17,15 @@ every training epoch start, before the epoch's loader iterator is created).
 Bad files never crash a run: a file that fails to decode is reported once (a
 :class:`BadImageWarning` naming the file and the reason), marked in a shared-memory flag tensor
 (``skipped_names()`` in the main process sees the marks of all workers) and replaced by the next
-good image (cyclically; deterministic). Grayscale, palette, 16-bit (most significant byte) and
-RGBA / LA images (composited on white, as a transparent background shows on a page) become RGB
-uint8; images of the wrong size are resized (bicubic / area, with one warning per file) or, with
+good image (cyclically; deterministic). Pixels come from the package's one decoder,
+:func:`codeformer_lightning.io.decode_image` (EXIF orientation, 16-bit rounding, palette, alpha
+composited on white), so training sees what inference and evaluation see for the same file; images
+of the wrong size are resized (bicubic / area, with one warning per file) or, with
 ``on_wrong_size="error"``, rejected like unreadable files (warning, skipped, replaced).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -35,9 +35,9 @@ from typing import Protocol
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from ..io import IMAGE_EXTENSIONS, BadImageError, decode_image, image_files_in, read_image
 from .degradations import (
     DegradationConfig,
     colorization_input,
@@ -46,7 +46,6 @@ from .degradations import (
     preset,
 )
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TASKS = ("restoration", "colorization", "inpainting")
 WRONG_SIZE_POLICIES = ("resize", "error")
 #: the sub-stream of the seed: training samples vary with the epoch, fixed samples do not
@@ -55,10 +54,6 @@ _TRAIN_STREAM, _FIXED_STREAM = 0, 1
 
 class BadImageWarning(UserWarning):
     """A training image could not be used (it is skipped) or was converted / resized."""
-
-
-class BadImageError(ValueError):
-    """An image cannot be decoded or used: the message names the file and the reason."""
 
 
 class ImageSource(Protocol):
@@ -74,53 +69,6 @@ class ImageSource(Protocol):
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, origin: str = "<bytes>") -> np.ndarray:
-    """Encoded image bytes -> ``(H, W, 3) uint8 RGB``.
-
-    Grayscale and palette images are expanded to RGB, 16/32-bit integer and float images scaled to
-    8 bit, alpha composited on white. Raises :class:`BadImageError` naming ``origin`` for
-    anything that does not decode fully (corrupt, truncated, not an image).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decodes everything now: truncation raises here, not later
-            return _to_rgb8(im)
-    except BadImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(f"{origin}: image too large to decode safely ({exc})") from None
-    except Exception as exc:  # PIL raises a zoo of types for broken files (OSError, SyntaxError, ...)
-        reason = (
-            "not an image file"
-            if isinstance(exc, Image.UnidentifiedImageError)
-            else f"{type(exc).__name__}: {exc}"
-        )
-        raise BadImageError(f"{origin}: cannot decode ({reason})") from None
-
-
-def _to_rgb8(im: Image.Image) -> np.ndarray:
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im).astype(np.float64)
-        # 16-bit files decode to I;16 or I (32-bit container of 16-bit values): scale 0..65535
-        top = 65535.0 if (mode.startswith("I;16") or arr.max() > 255) else 255.0
-        if mode == "F":
-            top = 1.0 if arr.max() <= 1.0 else top
-        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode in ("P", "PA"):
-        im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4] / 255.0
-        out = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)  # on white
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    if mode != "RGB":
-        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-    return np.array(im, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
-
-
 def fit_size(image: np.ndarray, size: int, origin: str, on_wrong_size: str, warned: set[str]) -> np.ndarray:
     """``image`` at ``size x size``: resized (bicubic, area when shrinking) with one warning per
     file, or :class:`BadImageError` when ``on_wrong_size == "error"``."""
@@ -128,7 +76,7 @@ def fit_size(image: np.ndarray, size: int, origin: str, on_wrong_size: str, warn
     if (h, w) == (size, size):
         return image
     if on_wrong_size == "error":
-        raise BadImageError(f"{origin}: image is {w}x{h} px, expected {size}x{size} (on_wrong_size='error')")
+        raise BadImageError(origin, f"image is {w}x{h} px, expected {size}x{size} (on_wrong_size='error')")
     if origin not in warned:
         warned.add(origin)
         note = " (not square: aligned faces are square, the face will be stretched)" if h != w else ""
@@ -139,10 +87,18 @@ def fit_size(image: np.ndarray, size: int, origin: str, on_wrong_size: str, warn
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
+def read_face(path: str | os.PathLike, size: int) -> np.ndarray:
+    """The face image file ``path`` as :class:`FaceDataset` delivers it before degradation:
+    ``(size, size, 3) uint8 RGB``, decoded by :func:`codeformer_lightning.io.read_image` and resized
+    like :func:`fit_size` (warning when resized). Raises :class:`BadImageError` naming the file."""
+    return fit_size(read_image(path), size, str(path), "resize", set())
+
+
 # ----------------------------------------------------------------------------- folders
 def list_image_files(folder: str | os.PathLike, file_list: str | os.PathLike | None = None) -> list[Path]:
-    """Image files under ``folder`` (recursive; png/jpg/jpeg/webp/bmp, any case), sorted; or the
-    relative paths listed in ``file_list`` (one per line, ``#`` comments), in that order."""
+    """Image files under ``folder`` (recursive; extensions of
+    :data:`codeformer_lightning.io.IMAGE_EXTENSIONS`, any case), sorted; or the relative paths listed
+    in ``file_list`` (one per line, ``#`` comments), in that order."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such image folder (it does not exist or is not a folder)")
@@ -156,9 +112,9 @@ def list_image_files(folder: str | os.PathLike, file_list: str | os.PathLike | N
                 f"{file_list}: {len(missing)} listed files not found under {folder}, e.g. {missing[:3]}"
             )
     else:
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = image_files_in(folder)
     if not paths:
-        raise FileNotFoundError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return paths
 
 
@@ -288,10 +244,10 @@ class FaceDataset(Dataset):
         try:
             data = self.source.read_bytes(index)
         except (OSError, KeyError) as exc:
-            raise BadImageError(f"{origin}: cannot read ({exc})") from None
+            raise BadImageError(origin, f"cannot read ({exc})") from None
         image = decode_image(data, origin)
         if min(image.shape[:2]) < 2:
-            raise BadImageError(f"{origin}: image is {image.shape[1]}x{image.shape[0]} px, too small to use")
+            raise BadImageError(origin, f"image is {image.shape[1]}x{image.shape[0]} px, too small to use")
         return fit_size(image, self.image_size, origin, self.on_wrong_size, self._warned)
 
     def _first_good(self, position: int) -> tuple[int, np.ndarray]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import lmdb
 
-from .datasets import BadImageError, decode_image, list_image_files
+from ..io import BadImageError, decode_image
+from .datasets import list_image_files
 
 KEYS_KEY = b"__keys__"
 META_KEY = b"__meta__"

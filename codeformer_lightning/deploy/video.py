@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +27,12 @@ from ..inference.align import estimate_alignment, warp_face
 from ..inference.detection import Detector, MTCNNDetector
 from ..inference.paste import paste_back
 from ..inference.restorer import center_face, precision_autocast
+from ..io import VideoReader, VideoWriter
 from ..nn import CodeFormer
 from .batched import paste_faces, warp_faces
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GEOMETRY_BACKENDS = ("auto", "torch", "cv2")
-
-
-class VideoError(RuntimeError):
-    """A video could not be read or written; the message names the file."""
 
 
 @dataclass
@@ -234,105 +230,58 @@ class BatchedVideoRestorer:
     # ------------------------------------------------------------------ files
     def restore_video(self, src: str | Path, dst: str | Path, w: float = 0.5, codec: str = "libx264",
                       crf: int = 18, copy_audio: bool = True) -> VideoReport:
-        """Restore ``src`` into ``dst`` with the same frame rate and size; copy its first audio stream.
+        """Restore ``src`` into ``dst`` at the same frame rate and size; copy its first audio stream.
 
-        The output is constant frame rate (the input's average rate) and yuv420p (so odd sizes are not
-        accepted by libx264). Raises :class:`VideoError` naming the file when it cannot be read or written.
+        Reads the source once and writes with the package's one writer
+        (:class:`~codeformer_lightning.io.VideoWriter`): constant frame rate (the input's average
+        rate), yuv420p, odd sides padded to even by repeating the last row / column. Raises
+        :class:`~codeformer_lightning.io.VideoError` naming the file when it cannot be read or written.
         """
-        import av
-
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"fidelity weight w must lie in [0, 1], got {w}")
-        src, dst = Path(src), Path(dst)
-        if not src.is_file():
-            raise VideoError(f"{src}: no such video file")
         report = VideoReport()
         self.timings = defaultdict(float)
-        try:
-            inp = av.open(str(src))
-        except (av.error.FFmpegError, OSError) as exc:
-            raise VideoError(f"{src}: cannot be opened as a video ({exc})") from exc
-        with inp:
-            if not inp.streams.video:
-                raise VideoError(f"{src}: has no video stream")
-            vin = inp.streams.video[0]
-            ain = inp.streams.audio[0] if inp.streams.audio and copy_audio else None
-            rate = vin.average_rate or vin.guessed_rate or Fraction(25)
-            width, height = vin.codec_context.width, vin.codec_context.height
-            if codec in ("libx264", "h264") and (width % 2 or height % 2):
-                raise VideoError(f"{src}: {width}x{height} has an odd side, which yuv420p H.264 cannot hold; "
-                                 "crop or pad it to even sides first")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                out = av.open(str(dst), "w")
-            except (av.error.FFmpegError, OSError) as exc:
-                raise VideoError(f"{dst}: cannot be created ({exc})") from exc
-            with out:
-                vout = out.add_stream(codec, rate=rate)
-                vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
-                if codec == "libx264":
-                    vout.options = {"crf": str(crf)}
-                aout = None
-                if ain is not None:
-                    try:
-                        aout = out.add_stream_from_template(ain)
-                    except (av.error.FFmpegError, ValueError) as exc:
-                        report.notes.append(f"audio stream not copied: {exc}")
-                report.audio = aout is not None
-                buffer: list[np.ndarray] = []
-
-                def flush() -> None:
-                    affines, index = self.find_faces(buffer)
-                    report.faces += len(index)
-                    restored = self._restore_chunk(buffer, affines, index, w)
-                    with self._timed("encode"):
-                        for image in restored:
-                            out.mux(vout.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-                    report.frames += len(buffer)
-                    buffer.clear()
-
-                streams = [s for s in (vin, ain if aout is not None else None) if s is not None]
-                try:
-                    start = time.perf_counter()
-                    for packet in inp.demux(streams):
-                        if packet.stream is ain:
-                            if packet.dts is not None:  # the demuxer's final flush packet carries nothing
-                                packet.stream = aout
-                                out.mux(packet)
-                            continue
-                        for frame in packet.decode():
-                            buffer.append(frame.to_ndarray(format="rgb24"))
-                        self.timings["decode"] += time.perf_counter() - start
-                        if len(buffer) >= self.chunk_frames:
-                            flush()
-                        start = time.perf_counter()
-                    if buffer:
-                        flush()
-                    out.mux(vout.encode(None))
-                except av.error.FFmpegError as exc:
-                    raise VideoError(f"{src}: decoding or encoding failed after {report.frames} frames ({exc})") from exc
-        report.fps = float(rate)
-        report.width, report.height = width, height
+        with VideoReader(src) as reader:
+            audio = reader.audio_stream if copy_audio else None
+            with VideoWriter(dst, reader.rate, (reader.width, reader.height), codec, crf, audio) as writer:
+                frames = reader.frames(on_audio=writer.copy_audio)
+                for chunk in self._decoded_chunks(frames):
+                    self._restore_and_write(chunk, float(w), writer, report)
+        report.audio = writer.audio
+        report.notes.extend(writer.notes)
+        report.fps = float(reader.rate)
+        report.width, report.height = writer.size
         report.seconds = dict(self.timings)
         if report.faces == 0:
             report.notes.append("no face found in any frame: frames re-encoded unchanged")
         return report
 
+    def _decoded_chunks(self, frames: Iterator[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """``frames`` in lists of ``chunk_frames``; the time spent decoding is counted as "decode"."""
+        chunk: list[np.ndarray] = []
+        while True:
+            start = time.perf_counter()
+            frame = next(frames, None)
+            self.timings["decode"] += time.perf_counter() - start
+            if frame is None:
+                break
+            chunk.append(frame)
+            if len(chunk) == self.chunk_frames:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
-def video_info(path: str | Path) -> dict:
-    """``{"frames", "fps", "width", "height", "audio"}`` of a video file (frames counted by decoding)."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = sum(1 for _ in container.decode(stream))
-        return {
-            "frames": frames,
-            "fps": float(stream.average_rate or 0),
-            "width": stream.codec_context.width,
-            "height": stream.codec_context.height,
-            "audio": bool(container.streams.audio),
-        }
+    def _restore_and_write(self, chunk: list[np.ndarray], w: float, writer: VideoWriter,
+                           report: VideoReport) -> None:
+        """Detect, restore and encode one chunk of frames."""
+        affines, index = self.find_faces(chunk)
+        restored = self._restore_chunk(chunk, affines, index, w)
+        with self._timed("encode"):
+            for image in restored:
+                writer.write(image)
+        report.faces += len(index)
+        report.frames += len(chunk)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -6,7 +6,7 @@
 """
 
 from .arcface import IResNet, load_arcface
-from .images import ImageReadError, PairingError, pair_folders, read_image
+from .images import PairingError, load_image, pair_folders
 from .metrics import (
     ALL_METRICS,
     PSNR_CAP,
@@ -28,7 +28,6 @@ __all__ = [
     "EvaluationConfig",
     "EvaluationResult",
     "IResNet",
-    "ImageReadError",
     "MetricSuite",
     "MetricUnavailable",
     "PairingError",
@@ -36,10 +35,10 @@ __all__ = [
     "evaluate_model",
     "landmark_distance",
     "load_arcface",
+    "load_image",
     "pair_folders",
     "plot_over_w",
     "psnr",
-    "read_image",
     "ssim",
     "write_report",
 ]

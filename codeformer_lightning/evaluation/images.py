@@ -1,29 +1,23 @@
-"""Reading image folders for evaluation and pairing restored images with their ground truth.
+"""Image folders for evaluation: pairing restored images with their ground truth, and loading them.
 
-Images are returned as ``(H, W, 3) uint8 RGB`` numpy arrays, read as ``codeformer-restore`` reads them
-(grayscale, palette, RGBA and 16-bit files converted); unreadable files raise
-:class:`ImageReadError` naming the file, so a batch job can record it and go on.
+Pixels come from :func:`codeformer_lightning.io.read_image`, the reader that training and
+``codeformer-restore`` use (EXIF orientation, 16-bit, grayscale, alpha composited on white).
+Unreadable or unusable files raise :class:`~codeformer_lightning.io.BadImageError` naming the file,
+so a batch job can record it and go on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference.io import ImageReadError as InferenceReadError
-from ..inference.io import read_image as inference_read_image
+from ..io import IMAGE_EXTENSIONS, BadImageError, image_files_in, read_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Images smaller than this on a side cannot hold a face worth measuring (SSIM's window is 11 px).
 MIN_SIDE = 11
-
-
-class ImageReadError(ValueError):
-    """An image file could not be used; the message names the file and why."""
 
 
 class PairingError(ValueError):
@@ -40,14 +34,13 @@ def list_images(folder: str | Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory of images")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in found:
-                raise PairingError(
-                    f"{folder}: two images named {path.stem!r}: {found[path.stem].name}, {path.name}"
-                )
-            found[path.stem] = path
-    return found
+    for path in image_files_in(folder, recursive=False):
+        if path.stem in found:
+            raise PairingError(
+                f"{folder}: two images named {path.stem!r}: {found[path.stem].name}, {path.name}"
+            )
+        found[path.stem] = path
+    return dict(sorted(found.items()))
 
 
 def pair_folders(restored: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]:
@@ -67,25 +60,22 @@ def pair_folders(restored: str | Path, gt: str | Path) -> list[tuple[str, Path, 
             lines.append(f"  only in ground truth ({len(only_gt)}): {', '.join(only_gt)}")
         raise PairingError("\n".join(lines))
     if not rest:
-        raise PairingError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {restored} or {gt}")
+        raise PairingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {restored} or {gt}")
     return [(stem, rest[stem], truth[stem]) for stem in sorted(rest)]
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file -> ``(H, W, 3) uint8 RGB`` with the restoration command's reader
-    (:func:`codeformer_lightning.inference.io.read_image`: EXIF orientation, 16-bit, grayscale, alpha
-    composited on white). Raises ImageReadError (naming the file) for missing, corrupt or truncated
-    files and for images too small to evaluate.
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file for the metrics -> ``(1, 3, H, W) float32`` in [0, 1].
+
+    Raises :class:`~codeformer_lightning.io.BadImageError` naming the file for missing, corrupt or
+    truncated files and for images too small to evaluate (a side under :data:`MIN_SIDE` px).
     """
-    try:
-        arr = inference_read_image(path)
-    except InferenceReadError as exc:
-        raise ImageReadError(str(exc)) from exc
-    if min(arr.shape[:2]) < MIN_SIDE:
-        raise ImageReadError(
-            f"{path}: {arr.shape[1]}x{arr.shape[0]} is too small to evaluate (min side {MIN_SIDE} px)"
+    image = read_image(path)
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise BadImageError(
+            path, f"{image.shape[1]}x{image.shape[0]} px is too small to evaluate (min side {MIN_SIDE} px)"
         )
-    return arr
+    return to_tensor(image)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -103,12 +93,3 @@ def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-
-
-@dataclass
-class ImagePair:
-    """One restored/ground-truth pair, both ``(1, 3, H, W) float32`` in [0, 1] of the same size."""
-
-    name: str
-    restored: torch.Tensor
-    gt: torch.Tensor

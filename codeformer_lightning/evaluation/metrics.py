@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import BadImageError, write_image
 from .arcface import ARCFACE_HELP, IResNet, identity_similarity, load_arcface
-from .images import ImageReadError, pair_folders, read_image, resize_to, to_tensor, to_uint8
+from .images import load_image, pair_folders, resize_to, to_uint8
 
 #: Every metric this module knows, in table order. Lower is better for lpips, fid, landmarks.
 ALL_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "fid", "identity", "landmarks")
@@ -331,9 +332,7 @@ class MetricSuite:
         if restored.shape[-2:] != gt.shape[-2:]:
             got, want = tuple(restored.shape[-2:]), tuple(gt.shape[-2:])
             if self.config.size_mismatch == "error":
-                raise ImageReadError(
-                    f"{name}: restored image is {got[1]}x{got[0]}, ground truth {want[1]}x{want[0]}"
-                )
+                raise BadImageError(name, f"restored image is {got[1]}x{got[0]}, ground truth {want[1]}x{want[0]}")
             warnings.warn(
                 f"{name}: restored {got[1]}x{got[0]} resized to ground truth {want[1]}x{want[0]}",
                 stacklevel=3,
@@ -378,7 +377,7 @@ class MetricSuite:
         """Evaluate one run.
 
         ``pairs``: ``(name, load)`` where ``load()`` returns ``(restored, gt)`` as ``(1,3,H,W)`` float
-        in [0, 1] or raises ImageReadError; a failing pair is recorded in ``failed`` and skipped.
+        in [0, 1] or raises BadImageError; a failing pair is recorded in ``failed`` and skipped.
         """
         result = EvaluationResult(
             label=label, metrics=list(self.config.metrics), w=w, unavailable=dict(self.unavailable)
@@ -388,7 +387,7 @@ class MetricSuite:
         for name, load in pairs:
             try:
                 restored, gt = self._pair(name, *load())
-            except ImageReadError as exc:
+            except BadImageError as exc:
                 result.failed[name] = str(exc)
                 warnings.warn(f"skipped {name}: {exc}", stacklevel=2)
                 continue
@@ -427,7 +426,7 @@ def _folder_pairs(restored_dir: str | Path, gt_dir: str | Path):
     for name, restored_path, gt_path in pair_folders(restored_dir, gt_dir):
 
         def load(rp: Path = restored_path, gp: Path = gt_path) -> tuple[torch.Tensor, torch.Tensor]:
-            return to_tensor(read_image(rp)), to_tensor(read_image(gp))
+            return load_image(rp), load_image(gp)
 
         yield name, load
 
@@ -513,12 +512,12 @@ def _restored_pairs(
     """
     size = int(model.config["img_size"])
     for batch in _batches(pairs, batch_size):
-        restored: dict[str, torch.Tensor | ImageReadError] = {}
+        restored: dict[str, torch.Tensor | BadImageError] = {}
         names, tensors = [], []
         for name, lq_path, _ in batch:
             try:
-                lq = to_tensor(read_image(lq_path))
-            except ImageReadError as exc:
+                lq = load_image(lq_path)
+            except BadImageError as exc:
                 restored[name] = exc
                 continue
             if lq.shape[-2:] != (size, size):
@@ -537,21 +536,14 @@ def _restored_pairs(
                 # round to 8 bits: the numbers are those of the PNG a user would save and re-evaluate
                 restored[name] = (image[None] * 255).round() / 255
                 if out_dir is not None:
-                    _save_png(image, out_dir / f"{name}.png")
+                    write_image(out_dir / f"{name}.png", to_uint8(image))
         for name, _, gt_path in batch:
             yield name, lambda r=restored[name], g=gt_path: _restored_and_gt(r, g)
 
 
 def _restored_and_gt(
-    restored: torch.Tensor | ImageReadError, gt_path: Path
+    restored: torch.Tensor | BadImageError, gt_path: Path
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(restored, ImageReadError):
+    if isinstance(restored, BadImageError):
         raise restored
-    return restored, to_tensor(read_image(gt_path))
-
-
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(path)
+    return restored, load_image(gt_path)

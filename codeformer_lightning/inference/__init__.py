@@ -1,6 +1,7 @@
 """Whole-photo face restoration: detection, FFHQ alignment, batched CodeFormer, paste-back.
 
->>> from codeformer_lightning.inference import FaceRestorer, read_image
+>>> from codeformer_lightning.inference import FaceRestorer
+>>> from codeformer_lightning.io import read_image
 >>> restorer = FaceRestorer("codeformer.pth")                  # MTCNN detector, offline
 >>> result = restorer.restore(read_image("group.jpg"), w=0.7)   # result.image: (H, W, 3) uint8 RGB
 """
@@ -18,7 +19,6 @@ from codeformer_lightning.inference.detection import (
     MTCNNDetector,
     RetinaFaceDetector,
 )
-from codeformer_lightning.inference.io import ImageReadError, read_image, read_image_with_alpha, write_image
 from codeformer_lightning.inference.paste import paste_back
 from codeformer_lightning.inference.restorer import FaceRestorer, RestoreResult
 
@@ -27,7 +27,6 @@ __all__ = [
     "DetectorWeightsError",
     "Face",
     "FaceRestorer",
-    "ImageReadError",
     "MTCNNDetector",
     "RestoreResult",
     "RetinaFaceDetector",
@@ -35,8 +34,5 @@ __all__ = [
     "face_template",
     "invert_affine",
     "paste_back",
-    "read_image",
-    "read_image_with_alpha",
     "warp_face",
-    "write_image",
 ]

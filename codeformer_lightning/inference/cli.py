@@ -5,7 +5,8 @@ Output layout::
     OUTDIR/cropped_faces/<name>_<k>.png          aligned input crops
     OUTDIR/restored_faces/<name>_<k>[_w<w>]<suffix>.png
     OUTDIR/final_results/<name>[_w<w>]<suffix>.png   whole photo, input size x upscale
-    OUTDIR/final_results/<name><suffix>.mp4          restored videos (H.264, same frame rate, audio copied)
+    OUTDIR/final_results/<name><suffix>.mp4          restored videos (H.264, same frame rate, audio copied;
+                                                     odd sides padded to even, see codeformer_lightning.io)
     OUTDIR/comparison/<name><suffix>.png             input | one result per w (several -w only)
 
 Inputs are only ever read. Transparent PNG inputs keep their alpha channel in final_results.
@@ -16,23 +17,26 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from codeformer_lightning.inference.io import (
+from codeformer_lightning.io import (
     IMAGE_EXTENSIONS,
-    ImageReadError,
+    VIDEO_EXTENSIONS,
+    BadImageError,
+    VideoError,
+    VideoReader,
+    VideoWriter,
     composite_on_white,
     read_image_with_alpha,
     write_image,
 )
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm"})
 OUTPUT_FOLDERS = ("cropped_faces", "restored_faces", "final_results", "comparison")
 
 
@@ -184,124 +188,48 @@ def comparison_grid(left: np.ndarray, results: Sequence[np.ndarray], labels: Seq
     return np.concatenate(out, axis=1)
 
 
-def _video_frames(path: Path) -> Iterator[np.ndarray]:
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            yield frame.to_ndarray(format="rgb24")
-
-
-def _video_rate(path: Path) -> Fraction:
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        return Fraction(rate) if rate else Fraction(25)
-
-
-def _copy_audio_packets(source: Path, out, audio_stream) -> None:
-    import av
-
-    with av.open(str(source)) as container:
-        for packet in container.demux(container.streams.audio[0]):
-            if packet.dts is None:  # the demuxer's final flush packet
-                continue
-            packet.stream = audio_stream
-            out.mux(packet)
-
-
 def restore_video(restorer, path: Path, target: Path, w: float, aligned: bool, batch: int) -> tuple[int, int, str]:
-    """Restore every frame of ``path`` into an H.264 ``target`` at the same frame rate.
+    """Restore every frame of ``path`` into an H.264 ``target`` at the same frame rate, reading the
+    source once (:class:`~codeformer_lightning.io.VideoReader`) and writing with the package's one
+    :class:`~codeformer_lightning.io.VideoWriter` (odd sizes padded to even). The first audio track
+    is copied without re-encoding when the output container accepts its codec.
 
-    The first audio track is copied without re-encoding when the output container accepts its
-    codec. Returns ``(frames, faces, note about the audio)``.
+    Returns ``(frames, faces, note about the audio)``; raises VideoError naming the file.
     """
-    import av
-
-    rate = _video_rate(path)
-    with av.open(str(path)) as probe:
-        audio_template = probe.streams.audio[0] if probe.streams.audio else None
-        audio_codec = audio_template.codec_context.name if audio_template is not None else None
-    frames = faces = 0
-    audio_note = "no audio track"
-    with av.open(str(target), mode="w") as out:
-        stream = audio_out = None
-
-        def open_streams(height: int, width: int) -> None:
-            nonlocal stream, audio_out, audio_note
-            stream = out.add_stream("libx264", rate=rate)
-            stream.width, stream.height = width // 2 * 2, height // 2 * 2  # yuv420p needs even sizes
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "18"}
-            if audio_codec is not None:
-                try:
-                    with av.open(str(path)) as source:
-                        audio_out = out.add_stream_from_template(source.streams.audio[0])
-                    audio_note = f"audio ({audio_codec}) copied"
-                except Exception as err:  # codec not allowed in this container
-                    audio_note = f"audio ({audio_codec}) not copied: {err}"
-
-        def write(images: list[np.ndarray]) -> None:
-            nonlocal frames, faces
-            for result in restorer.restore_batch(images, w, aligned):
-                image = result.image
-                if stream is None:
-                    open_streams(*image.shape[:2])
-                image = np.ascontiguousarray(image[: stream.height, : stream.width])
-                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                    out.mux(packet)
-                frames += 1
-                faces += len(result.cropped_faces)
-
-        pending: list[np.ndarray] = []
-        for frame in _video_frames(path):
-            pending.append(frame)
-            if len(pending) == batch:
-                write(pending)
-                pending = []
-        if pending:
-            write(pending)
-        if stream is None:
-            raise ValueError("video holds no frames")
-        for packet in stream.encode():
-            out.mux(packet)
-        if audio_out is not None:
-            try:
-                _copy_audio_packets(path, out, audio_out)
-            except Exception as err:
-                audio_note = f"audio ({audio_codec}) not copied: {err}"
-    return frames, faces, audio_note
+    faces = 0
+    with VideoReader(path) as reader:
+        # frame size from the first restored frame: --upscale and --aligned change it
+        with VideoWriter(target, reader.rate, audio_template=reader.audio_stream) as writer:
+            pending: list[np.ndarray] = []
+            for frame in reader.frames(on_audio=writer.copy_audio):
+                pending.append(frame)
+                if len(pending) == batch:
+                    faces += _write_restored(restorer, pending, w, aligned, writer)
+                    pending = []
+            if pending:
+                faces += _write_restored(restorer, pending, w, aligned, writer)
+            if writer.frames == 0:
+                raise VideoError(f"{path}: holds no frames")
+        codec = reader.audio_stream.codec_context.name if reader.audio_stream is not None else None
+    if codec is None:
+        note = "no audio track"
+    else:
+        note = f"audio ({codec}) copied" if writer.audio else "; ".join(writer.notes)
+    return writer.frames, faces, note
 
 
-def _progress(items: Sequence[Path]):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency; stay usable without it
-        return items
-    return tqdm(items, desc="restoring", unit="file", file=sys.stderr, dynamic_ncols=True)
+def _write_restored(restorer, frames: list[np.ndarray], w: float, aligned: bool, writer: VideoWriter) -> int:
+    """Restore ``frames`` (their faces share the network's batches), encode them; returns the face count."""
+    faces = 0
+    for result in restorer.restore_batch(frames, w, aligned):
+        writer.write(result.image)
+        faces += len(result.cropped_faces)
+    return faces
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns 0 when at least one input was processed."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.weights.is_file():
-        parser.error(f"--weights {args.weights}: no such file (give the path of codeformer.pth or a .safetensors file)")
-    if "/" in args.suffix or "\\" in args.suffix:
-        parser.error(f"--suffix {args.suffix!r} must not contain path separators")
-    files, problems = collect_inputs(args.inputs)
-    summary = Summary(skipped=list(problems))
-    if not files:
-        print(summary.report(), file=sys.stderr)
-        print("error: no input files found", file=sys.stderr)
-        return 1
-    unsafe = check_output_folder(args.output, args.inputs, files)
-    if unsafe:
-        parser.error(unsafe)
-
+def _build_restorer(args: argparse.Namespace):
+    """The FaceRestorer the arguments ask for, its detector loaded now (not at the first photo);
+    None after printing the reason when the weights or the detector cannot be loaded."""
     from codeformer_lightning.checkpoints import CheckpointError
     from codeformer_lightning.inference.detection import DetectorWeightsError
     from codeformer_lightning.inference.restorer import FaceRestorer
@@ -316,99 +244,159 @@ def main(argv: Sequence[str] | None = None) -> int:
             restorer.detector  # noqa: B018 - fail now, before any file, when the detector cannot load
     except (CheckpointError, DetectorWeightsError, TypeError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return None
+    return restorer
 
-    out = args.output
-    inputs_resolved = set(files)
-    namer = _Namer()
-    ws = list(dict.fromkeys(args.fidelity))
 
-    def save(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None) -> None:
-        if path.resolve() in inputs_resolved:  # belt and braces: never write over an input
-            raise FileExistsError(f"refusing to overwrite input {path}")
-        write_image(path, rgb, alpha)
+@dataclass
+class _Pending:
+    """An image whose faces are detected and aligned, waiting for the network."""
 
-    pending: list[tuple[Path, str, np.ndarray, np.ndarray | None, object]] = []
+    path: Path
+    name: str
+    image: np.ndarray
+    alpha: np.ndarray | None
+    result: object
 
-    def save_result(path: Path, name: str, image: np.ndarray, alpha: np.ndarray | None, result) -> None:
-        for k, crop in enumerate(result.cropped_faces):
-            save(out / "cropped_faces" / f"{name}_{k:02d}.png", crop)
-            for w in ws:
-                save(out / "restored_faces" / f"{name}_{k:02d}{_w_tag(w, ws)}{args.suffix}.png",
-                     result.restored_faces[w][k])
-        final_alpha = None
-        if alpha is not None and not args.aligned:
-            height, width = result.image.shape[:2]
-            final_alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
-        for w in ws:
-            save(out / "final_results" / f"{name}{_w_tag(w, ws)}{args.suffix}.png", result.images[w], final_alpha)
-        if len(ws) > 1:
-            left = result.cropped_faces[0] if args.aligned else image
-            grid = comparison_grid(left, [result.images[w] for w in ws], [f"w={w:.2f}" for w in ws])
-            save(out / "comparison" / f"{name}{args.suffix}.png", grid)
 
-    def flush() -> None:
+class RestoreRun:
+    """One ``codeformer-restore`` run over its input files: images are prepared one by one and
+    restored in pooled batches (faces of several images share the network's calls); videos go
+    through :func:`restore_video`. Problems with one file are recorded in ``summary`` and the run
+    goes on."""
+
+    def __init__(self, args: argparse.Namespace, restorer, files: Sequence[Path], summary: Summary) -> None:
+        self.args = args
+        self.restorer = restorer
+        self.summary = summary
+        self.out: Path = args.output
+        self.fidelities = list(dict.fromkeys(args.fidelity))
+        self.inputs = set(files)
+        self.namer = _Namer()
+        self.pending: list[_Pending] = []
+
+    def process(self, path: Path) -> None:
+        """Restore one input file (images wait in ``pending`` until a batch is full)."""
+        name = self.namer(path)
+        if path.suffix.lower() in VIDEO_EXTENSIONS:
+            self.flush()
+            self._process_video(path, name)
+        else:
+            self._prepare_image(path, name)
+
+    def _process_video(self, path: Path, name: str) -> None:
+        target = self.out / "final_results" / f"{name}{self.args.suffix}.mp4"
+        w = self.fidelities[0]
+        if len(self.fidelities) > 1:
+            print(f"note: {path}: videos use the first fidelity weight only ({w})", file=sys.stderr)
+        try:
+            frames, faces, audio_note = restore_video(
+                self.restorer, path, target, w, self.args.aligned, self.args.batch_size
+            )
+        except (VideoError, ValueError, RuntimeError, OSError) as err:  # report, go on with the rest
+            self.summary.skipped.append((str(path), f"cannot process video: {err}"))
+            return
+        print(f"note: {path}: {frames} frames, {audio_note}", file=sys.stderr)
+        self.summary.videos += 1
+        self.summary.frames += frames
+        self.summary.faces += faces
+
+    def _prepare_image(self, path: Path, name: str) -> None:
+        try:
+            rgb, alpha = read_image_with_alpha(path)
+        except BadImageError as err:
+            self.summary.skipped.append((str(path), err.reason))
+            return
+        image = composite_on_white(rgb, alpha)
+        try:
+            result = self.restorer.prepare(image, self.fidelities, aligned=self.args.aligned)
+        except (ValueError, RuntimeError) as err:
+            self.summary.skipped.append((str(path), f"face detection failed: {err}"))
+            return
+        for note in result.notes:
+            print(f"note: {path}: {note}", file=sys.stderr)
+        self.pending.append(_Pending(path, name, image, alpha, result))
+        # faces of several images share the network's batches; few images are held at once
+        batch = self.args.batch_size
+        if sum(len(p.result.cropped_faces) for p in self.pending) >= batch or len(self.pending) >= batch:
+            self.flush()
+
+    def flush(self) -> None:
         """Restore the faces of the pending images in pooled batches, then write them."""
+        pending, self.pending = self.pending, []
         if not pending:
             return
         try:
-            restorer.complete([p[2] for p in pending], [p[4] for p in pending])
+            self.restorer.complete([p.image for p in pending], [p.result for p in pending])
         except (ValueError, RuntimeError) as err:  # e.g. out of memory: report these, go on
-            summary.skipped.extend((str(p[0]), f"restoration failed: {err}") for p in pending)
-            pending.clear()
+            self.summary.skipped.extend((str(p.path), f"restoration failed: {err}") for p in pending)
             return
-        for path, name, image, alpha, result in pending:
+        for item in pending:
             try:
-                save_result(path, name, image, alpha, result)
+                self._save_result(item)
             except OSError as err:
-                summary.skipped.append((str(path), f"cannot write results: {err}"))
+                self.summary.skipped.append((str(item.path), f"cannot write results: {err}"))
                 continue
-            summary.images += 1
-            summary.faces += len(result.cropped_faces)
-            if not args.aligned and not result.faces:
-                summary.no_face.append(str(path))
-        pending.clear()
+            self.summary.images += 1
+            self.summary.faces += len(item.result.cropped_faces)
+            if not self.args.aligned and not item.result.faces:
+                self.summary.no_face.append(str(item.path))
 
-    for path in _progress(files):
-        name = namer(path)
-        if path.suffix.lower() in VIDEO_EXTENSIONS:
-            flush()
-            target = out / "final_results" / f"{name}{args.suffix}.mp4"
-            if len(ws) > 1:
-                print(f"note: {path}: videos use the first fidelity weight only ({ws[0]})", file=sys.stderr)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                frames, faces, audio_note = restore_video(restorer, path, target, ws[0], args.aligned,
-                                                          args.batch_size)
-            except Exception as err:  # any decoder failure: report, go on with the rest
-                summary.skipped.append((str(path), f"cannot process video: {err}"))
-                continue
-            print(f"note: {path}: {frames} frames, {audio_note}", file=sys.stderr)
-            summary.videos += 1
-            summary.frames += frames
-            summary.faces += faces
-            continue
-        try:
-            rgb, alpha = read_image_with_alpha(path)
-        except ImageReadError as err:
-            summary.skipped.append((str(path), err.reason))
-            continue
-        image = composite_on_white(rgb, alpha)
-        try:
-            result = restorer.prepare(image, ws, aligned=args.aligned)
-        except (ValueError, RuntimeError) as err:
-            summary.skipped.append((str(path), f"face detection failed: {err}"))
-            continue
-        for note in result.notes:
-            print(f"note: {path}: {note}", file=sys.stderr)
-        pending.append((path, name, image, alpha, result))
-        # faces of several images share the network's batches; few images are held at once
-        if sum(len(p[4].cropped_faces) for p in pending) >= args.batch_size or len(pending) >= args.batch_size:
-            flush()
-    flush()
+    def _save(self, path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None) -> None:
+        if path.resolve() in self.inputs:  # belt and braces: never write over an input
+            raise FileExistsError(f"refusing to overwrite input {path}")
+        write_image(path, rgb, alpha)
 
-    report = summary.report()
-    print(report, file=sys.stderr)
+    def _save_result(self, item: _Pending) -> None:
+        """Crops, restored faces, whole results (alpha kept) and, for several w, a comparison grid."""
+        result, ws, suffix = item.result, self.fidelities, self.args.suffix
+        for k, crop in enumerate(result.cropped_faces):
+            self._save(self.out / "cropped_faces" / f"{item.name}_{k:02d}.png", crop)
+            for w in ws:
+                self._save(self.out / "restored_faces" / f"{item.name}_{k:02d}{_w_tag(w, ws)}{suffix}.png",
+                           result.restored_faces[w][k])
+        final_alpha = None
+        if item.alpha is not None and not self.args.aligned:
+            height, width = result.image.shape[:2]
+            final_alpha = cv2.resize(item.alpha, (width, height), interpolation=cv2.INTER_LINEAR)
+        for w in ws:
+            self._save(self.out / "final_results" / f"{item.name}{_w_tag(w, ws)}{suffix}.png",
+                       result.images[w], final_alpha)
+        if len(ws) > 1:
+            left = result.cropped_faces[0] if self.args.aligned else item.image
+            grid = comparison_grid(left, [result.images[w] for w in ws], [f"w={w:.2f}" for w in ws])
+            self._save(self.out / "comparison" / f"{item.name}{suffix}.png", grid)
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.weights.is_file():
+        parser.error(f"--weights {args.weights}: no such file (give the path of codeformer.pth or a .safetensors file)")
+    if "/" in args.suffix or "\\" in args.suffix:
+        parser.error(f"--suffix {args.suffix!r} must not contain path separators")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns 0 when at least one input was processed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
+    files, problems = collect_inputs(args.inputs)
+    summary = Summary(skipped=list(problems))
+    if not files:
+        print(summary.report(), file=sys.stderr)
+        print("error: no input files found", file=sys.stderr)
+        return 1
+    unsafe = check_output_folder(args.output, args.inputs, files)
+    if unsafe:
+        parser.error(unsafe)
+    restorer = _build_restorer(args)
+    if restorer is None:
+        return 2
+    run = RestoreRun(args, restorer, files, summary)
+    for path in tqdm(files, desc="restoring", unit="file", file=sys.stderr, dynamic_ncols=True):
+        run.process(path)
+    run.flush()
+    print(summary.report(), file=sys.stderr)
     if summary.processed == 0:
         print("error: no input could be processed", file=sys.stderr)
         return 1

@@ -67,7 +67,7 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def _check_rgb(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"images must be (H, W, 3) uint8 RGB arrays, got {getattr(image, 'shape', type(image))} "
-                         f"{getattr(image, 'dtype', '')}; use read_image() for files")
+                         f"{getattr(image, 'dtype', '')}; read files with codeformer_lightning.io.read_image()")
 
 
 def draw_boxes(image: np.ndarray, faces: Sequence[Face], scale: float = 1.0) -> np.ndarray:

@@ -9,9 +9,9 @@ random), which saves the HQ encoder's forward pass at every step:
     codeformer-latent-codes --autoencoder weights/vqgan.safetensors --images data/ffhq_512 \\
         --out weights/latent_codes.pth
 
-The file uses the published layout (``latent_gt_code1024.pth``): ``{"orig": {name: (L,) long},
-"hflip": {name: (L,) long}}`` with ``name`` the image file's stem, ``L = latent_size**2``
-row-major codes; it is read with ``torch.load(weights_only=True)``.
+The file uses the published layout (``latent_gt_code1024.pth``), described and read by
+:mod:`codeformer_lightning.data.latent_codes` (reading the file is a data concern; computing it
+needs the encoder, which is why this half lives here).
 """
 
 from __future__ import annotations
@@ -26,14 +26,9 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_pretrained
-from ..data.datasets import (
-    BadImageError,
-    BadImageWarning,
-    decode_image,
-    fit_size,
-    image_to_tensor,
-    list_image_files,
-)
+from ..data.datasets import BadImageWarning, image_to_tensor, list_image_files, read_face
+from ..data.latent_codes import LatentCodes, read_latent_codes, save_latent_codes
+from ..io import BadImageError
 from ..nn import CodeFormer, VQAutoEncoder
 
 
@@ -72,16 +67,6 @@ class CodeTargetEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the latent-code file
-def read_image(path: Path, size: int) -> torch.Tensor:
-    """Image file -> ``(3, size, size)`` float in [-1, 1], decoded and resized exactly as the training
-    data pipeline does (so the codes match the pixels stages II/III train on).
-
-    Raises :class:`~codeformer_lightning.data.datasets.BadImageError` naming a file that does not decode.
-    """
-    image = decode_image(Path(path).read_bytes(), str(path))
-    return image_to_tensor(fit_size(image, size, str(path), "resize", set()))
-
-
 def _batches(paths: Sequence[Path], batch_size: int) -> Iterator[Sequence[Path]]:
     for i in range(0, len(paths), batch_size):
         yield paths[i : i + batch_size]
@@ -92,7 +77,8 @@ def _read_good(paths: Sequence[Path], size: int) -> tuple[list[torch.Tensor], li
     images, good = [], []
     for p in paths:
         try:
-            images.append(read_image(p, size))
+            # the pixels stages II/III train on: decoded and resized as the data pipeline does
+            images.append(image_to_tensor(read_face(p, size)))
             good.append(p)
         except BadImageError as exc:
             warnings.warn(f"{exc}; no codes written for it", BadImageWarning, stacklevel=3)
@@ -105,7 +91,7 @@ def compute_latent_codes(
     paths: Sequence[Path],
     batch_size: int = 16,
     device: str | torch.device = "cpu",
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> LatentCodes:
     """``{"orig": {stem: (L,)}, "hflip": {stem: (L,)}}`` for the images at ``paths``.
 
     Codes of the flipped image are computed from the flipped pixels (not by flipping the code
@@ -116,7 +102,7 @@ def compute_latent_codes(
     if dupes:
         raise ValueError(f"image names must be unique (the file is keyed by name): duplicates {dupes[:5]}")
     targets = CodeTargetEncoder(autoencoder).to(device)
-    out: dict[str, dict[str, torch.Tensor]] = {"orig": {}, "hflip": {}}
+    out: LatentCodes = {"orig": {}, "hflip": {}}
     for chunk in _batches(list(paths), batch_size):
         images, chunk = _read_good(chunk, autoencoder.img_size)
         if not chunk:
@@ -148,19 +134,7 @@ def write_latent_codes(
             f"latent codes come from a stage I autoencoder (VQAutoEncoder), got a {type(autoencoder).__name__}"
         )
     codes = compute_latent_codes(autoencoder, list_image_files(images), batch_size, device)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(codes, out)
-    return out
-
-
-def read_latent_codes(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Read a latent-code file (ours or the published one) -> ``{"orig": {...}, "hflip": {...}}``."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or not {"orig", "hflip"} <= set(obj):
-        keys = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: not a latent-code file (expected keys 'orig' and 'hflip', found {keys})")
-    return obj
+    return save_latent_codes(codes, out)
 
 
 def main(argv: list[str] | None = None) -> int:

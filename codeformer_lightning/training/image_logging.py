@@ -15,6 +15,8 @@ import torch
 from einops import rearrange
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 
+from ..io import write_image
+
 LoggerArg = Logger | Sequence[Logger] | None | bool
 
 
@@ -63,11 +65,8 @@ def log_image_grid(
         elif isinstance(lg, TensorBoardLogger):
             lg.experiment.add_image(key, grid, global_step=step)
         elif getattr(lg, "log_dir", None):
-            from PIL import Image
-
             out = Path(lg.log_dir) / "images" / f"{key.replace('/', '_')}_step{step:07d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_to_uint8_hwc(grid)).save(out)
+            write_image(out, _to_uint8_hwc(grid))
     return grid
 
 

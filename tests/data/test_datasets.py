@@ -12,7 +12,10 @@ from conftest import smooth_image, write_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from codeformer_lightning.data import BadImageWarning, FaceDataset, ImageFolderSource, decode_image
+from codeformer_lightning.data import BadImageWarning, FaceDataset, ImageFolderSource, LmdbSource, pack_lmdb
+from codeformer_lightning.data.datasets import read_face
+from codeformer_lightning.evaluation import load_image
+from codeformer_lightning.io import decode_image, read_image
 
 
 def _fake_codes(names, length=4):
@@ -170,6 +173,43 @@ def test_conversions_to_rgb8(tmp_path):
     assert (decode_image((tmp_path / "w16.png").read_bytes()) == 255).all()
     Image.fromarray(np.full((4, 4), 257 * 100, np.uint16)).save(tmp_path / "g16.png")
     assert (decode_image((tmp_path / "g16.png").read_bytes()) == 100).all()
+
+
+def _as_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [-1, 1] (dataset) or [0, 1] (evaluation, pass ``image * 2 - 1``) -> uint8 HWC."""
+    return ((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def test_training_latent_codes_inference_and_evaluation_see_the_same_pixels(tmp_path):
+    """A 16-bit colour PNG and an EXIF-rotated JPEG: one set of pixels through every path."""
+    import cv2
+    from PIL import ImageOps
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    rgb16 = np.random.default_rng(0).integers(0, 65536, (32, 32, 3), dtype=np.uint16)
+    cv2.imwrite(str(folder / "wide.png"), rgb16[..., ::-1])  # OpenCV writes BGR
+    exif = Image.Exif()
+    exif[0x0112] = 8  # displayed rotated 90 degrees counter-clockwise
+    Image.fromarray(smooth_image(32, 5)).save(folder / "turned.jpg", exif=exif, quality=90)
+    expected = {
+        # independent computations: nearest 8-bit level; PIL's own decode and exif_transpose
+        "wide": np.floor(rgb16 * (255.0 / 65535.0) + 0.5).astype(np.uint8),
+        "turned": np.asarray(ImageOps.exif_transpose(Image.open(folder / "turned.jpg")).convert("RGB")),
+    }
+    assert not np.array_equal(expected["turned"], np.asarray(Image.open(folder / "turned.jpg").convert("RGB")))
+    pack_lmdb(folder, tmp_path / "faces.lmdb")
+    for source in (ImageFolderSource(folder), LmdbSource(tmp_path / "faces.lmdb")):
+        data = FaceDataset(source, 32, "none", use_hflip=False)
+        for i in range(len(data)):
+            sample = data[i]
+            np.testing.assert_array_equal(_as_uint8(sample["gt"]), expected[sample["name"]])
+            np.testing.assert_array_equal(_as_uint8(sample["lq"]), expected[sample["name"]])
+    for path in (folder / "wide.png", folder / "turned.jpg"):
+        want = expected[path.stem]
+        np.testing.assert_array_equal(read_image(path), want)  # inference (codeformer-restore, FaceRestorer)
+        np.testing.assert_array_equal(_as_uint8(load_image(path)[0] * 2 - 1), want)  # evaluation
+        np.testing.assert_array_equal(read_face(path, 32), want)  # latent codes
 
 
 def test_wrong_size_resize_warns_once_or_rejects(tmp_path):

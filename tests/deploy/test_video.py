@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import av
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from codeformer_lightning.deploy import video as vid
 from codeformer_lightning.inference.align import estimate_alignment, warp_face
 from codeformer_lightning.inference.detection import Face
 from codeformer_lightning.inference.paste import paste_back
+from codeformer_lightning.io import VideoError, video_info
 
 SIZE = 32  # the tiny network's face size
 
@@ -105,7 +107,7 @@ def test_video_round_trip_keeps_frames_size_fps_and_audio(tiny_model, tmp_path):
     restorer = vid.BatchedVideoRestorer(tiny_model, detector=detector, batch_size=4, chunk_frames=4)
     assert restorer.geometry == "cv2"  # auto: OpenCV geometry on a CPU device
     report = restorer.restore_video(src, tmp_path / "out.mp4", w=0.7)
-    info_in, info_out = vid.video_info(src), vid.video_info(tmp_path / "out.mp4")
+    info_in, info_out = video_info(src), video_info(tmp_path / "out.mp4")
     assert info_in["audio"] and info_out["audio"] and report.audio
     for key in ("frames", "fps", "width", "height"):
         assert info_out[key] == info_in[key], key
@@ -124,16 +126,16 @@ def test_video_without_audio_and_command(tiny_weights, tmp_path, capsys, monkeyp
                    "--batch-size", "2", "--device", "cpu"])
     text = capsys.readouterr().out
     assert rc == 0 and "3 frames" in text and "audio none" in text
-    assert vid.video_info(tmp_path / "o.mp4")["frames"] == 3
+    assert video_info(tmp_path / "o.mp4")["frames"] == 3
 
 
 def test_bad_inputs_give_clear_errors(tiny_model, tiny_weights, tmp_path, capsys):
     restorer = vid.BatchedVideoRestorer(tiny_model, detector=ScriptedDetector([[]]))
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 definitely not a video")
-    with pytest.raises(vid.VideoError, match="broken.mp4"):
+    with pytest.raises(VideoError, match="broken.mp4"):
         restorer.restore_video(broken, tmp_path / "x.mp4")
-    with pytest.raises(vid.VideoError, match="missing.mp4"):
+    with pytest.raises(VideoError, match="missing.mp4"):
         restorer.restore_video(tmp_path / "missing.mp4", tmp_path / "x.mp4")
     with pytest.raises(ValueError, match="one size"):
         restorer.restore_frames([textured_image(0), textured_image(0, 60, 80)])
@@ -141,6 +143,29 @@ def test_bad_inputs_give_clear_errors(tiny_model, tiny_weights, tmp_path, capsys
     assert "nope.pth" in capsys.readouterr().err
     assert vid.main([str(broken), str(tmp_path / "x.mp4"), "--weights", tiny_weights, "--device", "cpu"]) == 1
     assert "broken.mp4" in capsys.readouterr().err
+
+
+def test_odd_frame_sizes_are_padded_to_even(tiny_model, tmp_path):
+    """yuv420p needs even sides: a 33x25 source gives a 34x26 video whose extra row and column repeat
+    the last ones (the one documented behaviour of codeformer_lightning.io.VideoWriter)."""
+    src = tmp_path / "odd.mkv"
+    rng = np.random.default_rng(7)  # smooth colour fields: 4:2:0 chroma keeps them
+    frames_in = [cv2.resize(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), (33, 25)) for _ in range(2)]
+    with av.open(str(src), "w") as out:  # lossless, so odd sizes are possible in the source
+        stream = out.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 33, 25, "yuv444p"
+        for frame in frames_in:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    restorer = vid.BatchedVideoRestorer(tiny_model, detector=ScriptedDetector([[]]))
+    report = restorer.restore_video(src, tmp_path / "out.mp4", crf=0)
+    assert (report.width, report.height, report.frames) == (34, 26, 2)
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24").astype(int) for f in c.decode(c.streams.video[0])]
+    for got, sent in zip(frames, frames_in):
+        sent = sent.astype(int)  # crf 0, but 4:2:0 chroma: a few levels off, against a spread of ~70
+        assert np.abs(got[:25, :33] - sent).mean() < 8 and sent.std() > 40
+        assert np.abs(got[25, :33] - sent[24]).mean() < 8 and np.abs(got[:25, 33] - sent[:, 32]).mean() < 8
 
 
 def test_unknown_geometry_backend_is_refused(tiny_model):

@@ -13,20 +13,20 @@ from conftest import arcface_state, random_faces, write_folder
 from codeformer_lightning.evaluation import (
     PSNR_CAP,
     EvaluationConfig,
-    ImageReadError,
     IResNet,
     MetricSuite,
     PairingError,
     evaluate_folders,
     landmark_distance,
     load_arcface,
+    load_image,
     pair_folders,
     psnr,
-    read_image,
     ssim,
 )
 from codeformer_lightning.evaluation.arcface import aligned_face_crop_box, arcface_input, identity_similarity
 from codeformer_lightning.evaluation.metrics import rgb_to_y
+from codeformer_lightning.io import BadImageError
 
 
 def _batch(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -327,19 +327,20 @@ def test_a_corrupt_image_is_reported_and_the_rest_evaluated(tmp_path):
     assert list(result.per_image) == ["a"] and result.mean == {"psnr": PSNR_CAP, "ssim": pytest.approx(1.0)}
 
 
-def test_reader_converts_grayscale_rgba_and_16_bit_and_rejects_tiny_images(tmp_path):
+def test_loader_converts_grayscale_rgba_and_16_bit_and_rejects_tiny_images(tmp_path):
     from PIL import Image
 
     gray = np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)
     Image.fromarray(gray).save(tmp_path / "gray.png")
-    assert read_image(tmp_path / "gray.png").shape == (32, 32, 3)
+    loaded = load_image(tmp_path / "gray.png")
+    assert loaded.shape == (1, 3, 32, 32) and loaded.dtype == torch.float32
+    assert torch.equal(loaded[0, 1], torch.from_numpy(gray).float() / 255)
     Image.fromarray(np.zeros((32, 32, 4), np.uint8) + 200).save(tmp_path / "rgba.png")
-    assert read_image(tmp_path / "rgba.png").shape == (32, 32, 3)
+    assert load_image(tmp_path / "rgba.png").shape == (1, 3, 32, 32)
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # 0..65535: same levels
-    g16 = read_image(tmp_path / "g16.png")
-    assert g16.dtype == np.uint8 and np.array_equal(g16[..., 1], gray)
+    assert torch.equal(load_image(tmp_path / "g16.png"), loaded)
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "tiny.png")
-    with pytest.raises(ImageReadError, match="tiny.png.*too small"):
-        read_image(tmp_path / "tiny.png")
-    with pytest.raises(ImageReadError, match="missing.png"):
-        read_image(tmp_path / "missing.png")
+    with pytest.raises(BadImageError, match="tiny.png.*too small"):
+        load_image(tmp_path / "tiny.png")
+    with pytest.raises(BadImageError, match="missing.png"):
+        load_image(tmp_path / "missing.png")

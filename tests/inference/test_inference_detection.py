@@ -18,7 +18,7 @@ from codeformer_lightning.inference.detection import (
     detect_downscaled,
     nms,
 )
-from codeformer_lightning.inference.io import read_image
+from codeformer_lightning.io import read_image
 
 
 def test_nms_keeps_best_and_drops_overlaps():

@@ -179,7 +179,7 @@ def test_identity_network_reproduces_real_photo(tiny_cf_config, upscale):
     import cv2
 
     from codeformer_lightning.inference.detection import MTCNNDetector
-    from codeformer_lightning.inference.io import read_image
+    from codeformer_lightning.io import read_image
 
     image = read_image(shared_folder("whole") / "00.jpg")
     model = IdentityCodeFormer(**tiny_cf_config)

@@ -14,13 +14,10 @@ from random_weights import write_random_vgg16
 from torch.utils.data import DataLoader, Dataset
 
 from codeformer_lightning import CheckpointError, load_pretrained, save_published, save_weights
+from codeformer_lightning.data.datasets import image_to_tensor, read_face
+from codeformer_lightning.data.latent_codes import read_latent_codes
 from codeformer_lightning.models.code_predictor import CodePredictorModule
-from codeformer_lightning.models.latent_codes import (
-    CodeTargetEncoder,
-    read_image,
-    read_latent_codes,
-    write_latent_codes,
-)
+from codeformer_lightning.models.latent_codes import CodeTargetEncoder, write_latent_codes
 from codeformer_lightning.models.latent_codes import (
     main as latent_codes_main,
 )
@@ -252,7 +249,7 @@ def test_latent_code_file_holds_original_and_flipped_codes(stage1, image_folder,
     codes = read_latent_codes(out)
     assert sorted(codes["orig"]) == [f"face_{i:02d}" for i in range(4)] == sorted(codes["hflip"])
     encoder = CodeTargetEncoder(ae)
-    img = read_image(image_folder / "face_02.png", 32)[None]
+    img = image_to_tensor(read_face(image_folder / "face_02.png", 32))[None]
     assert torch.equal(codes["orig"]["face_02"], encoder(img)[0])
     assert torch.equal(codes["hflip"]["face_02"], encoder(img.flip(-1))[0])
     assert codes["orig"]["face_02"].dtype == torch.long and codes["orig"]["face_02"].shape == (16,)
