@@ -72,12 +72,21 @@ class BatchStats:
         return {**totals, "requests_per_batch": per_batch, "faces_per_network_call": per_call}
 
 
+def with_options(restorer: FaceRestorer, upscale: float, only_center_face: bool) -> FaceRestorer:
+    """``restorer`` with another output scale / centre-face choice: a shallow copy sharing its
+    network and detector (``restorer`` itself when nothing differs; it is never modified)."""
+    if upscale == restorer.upscale and only_center_face == restorer.only_center_face:
+        return restorer
+    variant = copy.copy(restorer)
+    variant.upscale, variant.only_center_face = upscale, only_center_face
+    return variant
+
+
 class BatchRestorer:
     """Restores lists of :class:`RestoreRequest` with one :class:`FaceRestorer`, pooling faces.
 
     ``restorer.batch_size`` is the number of faces per network call. Per-request options
-    (``upscale``, ``only_center_face``) use shallow copies of ``restorer`` that share its network
-    and detector.
+    (``upscale``, ``only_center_face``) go through :func:`with_options`.
     """
 
     def __init__(self, restorer: FaceRestorer, stats: BatchStats | None = None) -> None:
@@ -89,16 +98,8 @@ class BatchRestorer:
     def _count_call(self, module, args) -> None:
         self._calls.append(int(args[0].shape[0]))
 
-    def _variant(self, upscale: float, only_center_face: bool) -> FaceRestorer:
-        base = self.restorer
-        if upscale == base.upscale and only_center_face == base.only_center_face:
-            return base
-        variant = copy.copy(base)  # shares the network and the detector
-        variant.upscale, variant.only_center_face = upscale, only_center_face
-        return variant
-
     def _prepare(self, request: RestoreRequest) -> RestoreResult:
-        restorer = self._variant(request.upscale, request.only_center_face)
+        restorer = with_options(self.restorer, request.upscale, request.only_center_face)
         if request.ws is None:
             return restorer.prepare(request.image, aligned=request.aligned)
         return restorer.prepare(request.image, request.ws, aligned=request.aligned)
@@ -123,7 +124,8 @@ class BatchRestorer:
         for (_, upscale), members in groups.items():
             self._calls.clear()
             try:
-                self._variant(upscale, False).complete([items[i].image for i in members], [prepared[i] for i in members])
+                restorer = with_options(self.restorer, upscale, False)
+                restorer.complete([items[i].image for i in members], [prepared[i] for i in members])
             except Exception as exc:
                 log.exception("restoration failed for a group of %d request(s)", len(members))
                 for i in members:

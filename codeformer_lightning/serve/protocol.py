@@ -194,14 +194,15 @@ def parse_request(payload: object, limits: Limits = Limits()) -> RestoreRequest:
     return RestoreRequest(rgb, alpha, ws, aligned, upscale, only_center_face, FORMATS[fmt], int(quality), origin)
 
 
-def _output_alpha(request: RestoreRequest, image: np.ndarray) -> np.ndarray | None:
-    """The input's transparency at the output's size (whole photos only: a restored aligned face is opaque)."""
-    if request.alpha is None or request.aligned:
+def output_alpha(alpha: np.ndarray | None, aligned: bool, image: np.ndarray) -> np.ndarray | None:
+    """The input's transparency ``alpha`` (H, W) at the size of the output ``image`` (whole photos
+    only: a restored aligned face is opaque), as ``codeformer-restore`` keeps it."""
+    if alpha is None or aligned:
         return None
     height, width = image.shape[:2]
-    if request.alpha.shape == (height, width):
-        return request.alpha
-    return cv2.resize(request.alpha, (width, height), interpolation=cv2.INTER_LINEAR)
+    if alpha.shape == (height, width):
+        return alpha
+    return cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def response_body(request: RestoreRequest, result: RestoreResult, batch: dict) -> dict:
@@ -210,7 +211,7 @@ def response_body(request: RestoreRequest, result: RestoreResult, batch: dict) -
     images = []
     for w in result.ws:
         image = result.images[w]
-        data = encode_image(image, request.fmt, request.quality, _output_alpha(request, image))
+        data = encode_image(image, request.fmt, request.quality, output_alpha(request.alpha, request.aligned, image))
         images.append({"w": w, "image": base64.b64encode(data).decode("ascii")})
     first = result.images[result.ws[0]]
     if result.aligned:
