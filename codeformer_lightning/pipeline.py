@@ -24,14 +24,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from .train import run, save_resolved_config, train
+from .train import save_resolved_config, train
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def stage_overrides(
     return overrides
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.pipeline.stages`` in order; return every stage's metrics as ``<stage>/<metric>``.
 
     Must run inside a Hydra application (``codeformer-train`` / ``codeformer-pipeline``): the stages
@@ -102,12 +101,3 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
         metrics.update(instantiate(evaluate, weights=last, out_dir=str(out)))
     return metrics
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="pipeline")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point ``codeformer-pipeline``."""
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,6 @@
-"""``codeformer-train``: train one stage (or a pipeline of stages) from the Hydra config tree.
+"""Train one stage from a composed config: :func:`train`, what ``codeformer-train`` runs (the command
+is :mod:`codeformer_lightning.commands.train`; with ``pipeline`` set it runs
+:func:`codeformer_lightning.pipeline.run`, which calls :func:`train` per stage).
 
     codeformer-train experiment=quickstart                      # tiny stages I -> II -> III on CPU
     codeformer-train experiment=vqgan data.train_dir=/data/ffhq_512 trainer=ddp trainer.devices=8
@@ -16,7 +18,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -124,22 +125,3 @@ def objective(metrics: dict[str, float], name: str | None) -> float | None:
     return metrics[name]
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Train what ``cfg`` describes: a pipeline of stages when ``cfg.pipeline`` is set, else one stage."""
-    if cfg.get("pipeline"):
-        from .pipeline import run_pipeline  # the pipeline calls train(); imported here to avoid a cycle
-
-        metrics = run_pipeline(cfg)
-    else:
-        metrics = train(cfg)
-    return objective(metrics, cfg.get("optimized_metric"))
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point ``codeformer-train``."""
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -476,7 +476,7 @@ def evaluate_model(
     ``save_dir``: also write the restored PNGs to ``save_dir/w_<w>/<name>.png``.
     Returns one :class:`EvaluationResult` per ``w``, labelled ``w=<w>``.
     """
-    from .. import load_pretrained
+    from ..checkpoints import load_pretrained
     from ..nn import CodeFormer
 
     config = config or EvaluationConfig()

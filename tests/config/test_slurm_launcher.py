@@ -35,7 +35,7 @@ def intercept_sbatch(monkeypatch):
 
 
 def test_slurm_launcher_renders_multinode_sbatch(intercept_sbatch, monkeypatch, tmp_path):
-    from codeformer_lightning.train import main
+    from codeformer_lightning.commands.train import main
 
     argv = [
         "codeformer-train", "-m", "launcher=slurm", "experiment=vqgan", "trainer=multinode",

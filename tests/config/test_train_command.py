@@ -1,6 +1,6 @@
 """The training command end to end: quickstart pipeline, 2-process CPU DDP, resume, Optuna sweep, config checks.
 
-Each test runs ``python -m codeformer_lightning.train`` (what ``codeformer-train`` calls) in a
+Each test runs ``python -m codeformer_lightning.commands.train`` (what ``codeformer-train`` calls) in a
 subprocess with a temporary working folder, tiny models, a few steps and the quickstart faces.
 """
 
@@ -18,7 +18,7 @@ from codeformer_lightning import load_pretrained
 from codeformer_lightning.config_checks import ConfigError, check_config
 from codeformer_lightning.nn import CodeFormer, VQAutoEncoder
 
-TRAIN = "codeformer_lightning.train"
+TRAIN = "codeformer_lightning.commands.train"
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "experiment").glob("*.yaml"))
 
 
