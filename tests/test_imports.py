@@ -175,6 +175,16 @@ def test_no_import_cycles(graph):
     assert not cycles, "import cycles:\n" + "\n".join(details)
 
 
+def test_no_cycles_between_parts_of_the_package(graph):
+    """Collapsed to its parts (data, models, train, ...), the graph has no cycle either: a module-level
+    acyclic graph can still tie two packages together (data.datamodule -> models.latent_codes ->
+    data.datasets was one)."""
+    parts: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        parts.setdefault(part(module), set()).update(part(t) for t in targets if part(t) != part(module))
+    assert not find_cycles(parts), f"cycles between parts of the package: {find_cycles(parts)}"
+
+
 def test_imports_point_down_the_floors(graph):
     upward = [
         f"{module} (floor {FLOORS[part(module)]}) imports {target} (floor {FLOORS[part(target)]})"
