@@ -132,11 +132,10 @@ def profile_ours(img: np.ndarray, cfg: D.DegradationConfig, pairs: int, seed: in
         if p.jpeg_quality is not None:
             out = t("JPEG", D.jpeg_round_trip, out, p.jpeg_quality)
         if out.shape[:2] != (h, w):
-            out = t("upsample", cv2.resize, np.ascontiguousarray(out), (w, h), None, 0, 0, cv2.INTER_LINEAR)
-        if p.color_shift is not None:
-            out = t("colour shift", D.shift_colors, out, p.color_shift)
-        if p.gray:
-            out = t("gray", D.to_gray3, out)
+            out = t("upsample", cv2.resize, out.astype(np.float32), (w, h), None, 0, 0, cv2.INTER_LINEAR)
+        if p.changes_colors:
+            out = t("colour changes", D._change_colors, out.astype(np.float32), p)
+        out = t("final rounding", D._to_uint8, out)
         t("to tensor", lambda x: torch.from_numpy(x).permute(2, 0, 1).float().div_(127.5).sub_(1.0), out)
     return t
 

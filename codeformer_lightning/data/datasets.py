@@ -38,15 +38,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..io import IMAGE_EXTENSIONS, BadImageError, decode_image, image_files_in, read_image
-from .degradations import (
-    DegradationConfig,
-    colorization_input,
-    degrade,
-    inpainting_input,
-    preset,
-)
+from .degradations import DegradationConfig, degrade, preset
+from .tasks import TASKS as TASKS  # re-exported: the valid values of `task`
+from .tasks import check_task, grayscale_input, inpainting_input
 
-TASKS = ("restoration", "colorization", "inpainting")
 WRONG_SIZE_POLICIES = ("resize", "error")
 #: the sub-stream of the seed: training samples vary with the epoch, fixed samples do not
 _TRAIN_STREAM, _FIXED_STREAM = 0, 1
@@ -157,9 +152,10 @@ class FaceDataset(Dataset):
         source: images (:class:`ImageFolderSource`, ``LmdbSource``).
         image_size: S; other sizes follow ``on_wrong_size``.
         degradation: preset name or :class:`DegradationConfig` (of ``lq``).
-        task: ``restoration`` (lq = degraded), ``colorization`` (lq = grayscale, sometimes
-            colour-cast, of the degraded face) or ``inpainting`` (brush strokes over the degraded
-            face; use degradation ``none`` for the published clean-but-masked inputs).
+        task: ``restoration`` (lq = degraded; the published colorization data is this task with
+            the ``colorization`` preset), ``inpainting`` (published white brush strokes over the
+            degraded face; degradation ``none`` gives the published clean-but-masked inputs) or
+            ``grayscale`` (extra: lq = grayscale of the degraded face, sometimes colour-cast).
         seed: see the module docstring.
         fixed: validation mode: degradations independent of the epoch, no flip.
         use_hflip: flip half the training samples (gt, lq and codes together).
@@ -181,8 +177,7 @@ class FaceDataset(Dataset):
         on_wrong_size: str = "resize",
         indices: Sequence[int] | None = None,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        check_task(task)
         if on_wrong_size not in WRONG_SIZE_POLICIES:
             raise ValueError(f"on_wrong_size must be one of {WRONG_SIZE_POLICIES}, got {on_wrong_size!r}")
         if int(image_size) < 8:
@@ -277,10 +272,10 @@ class FaceDataset(Dataset):
         lq, _ = degrade(clean, self.degradation, rng)
         if self.large_degradation is not None:
             lq_large, _ = degrade(clean, self.large_degradation, rng)
-        if self.task == "colorization":
-            lq = colorization_input(lq, rng)
+        if self.task == "grayscale":
+            lq = grayscale_input(lq, rng)
             if self.large_degradation is not None:
-                lq_large = colorization_input(lq_large, rng)
+                lq_large = grayscale_input(lq_large, rng)
         elif self.task == "inpainting":
             lq, mask = inpainting_input(lq, rng)
             sample["mask"] = torch.from_numpy(mask[None].astype(np.float32))

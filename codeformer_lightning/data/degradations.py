@@ -1,5 +1,12 @@
 """Synthetic degradations of clean faces: y = JPEG_q((x * k_sigma) downsampled by r + n_delta), resized back.
 
+The steps, their order and their parameter draws follow the published dataset code
+(``FFHQBlindDataset`` / ``FFHQBlindJointDataset``; :data:`PRESETS` hold the published option
+values, see ``docs/recipe.md``): 41x41 isotropic / anisotropic Gaussian blur, bilinear resize to
+``floor(H / r)``, Gaussian noise, JPEG at quality ``int(q)``, bilinear resize back, then optional
+colour changes of the input (:mod:`.color`). ``tests/data/test_preset_distributions.py`` compares
+the resulting pairs with a plain re-implementation of the published steps.
+
 All functions work on ``(H, W, 3) uint8 RGB`` numpy images and draw every random choice from a
 ``numpy.random.Generator`` passed in, so a dataset that derives the generator from (seed, epoch,
 index) gets reproducible pairs.
@@ -28,6 +35,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from . import color
+from .color import JITTER_OPS
+
 #: the published kernel size (41 x 41)
 KERNEL_SIZE = 41
 #: dropped SVD terms of an anisotropic kernel may change a pixel (0..255 scale) by at most this
@@ -41,7 +51,15 @@ class DegradationConfig:
 
     Ranges are ``(low, high)``, sampled uniformly. ``noise_range`` is the std of Gaussian noise in
     grey levels (``sigma/255`` on a [0,1] image). ``downsample_range`` is the factor ``r`` (1 = no
-    downsample). ``color_jitter_shift`` is the largest per-channel RGB shift in grey levels.
+    downsample; the small image is ``floor(H / r)`` px, as published). ``jpeg_range``: the quality
+    is ``int(q)`` for ``q`` uniform in the range, as published (so the high end itself is never
+    drawn unless ``low == high``).
+
+    Colour changes of the degraded input (the published colorization options; off in the stage II
+    and III presets), in the published order: a per-channel shift of up to ``color_jitter_shift``
+    grey levels (``color_jitter_prob``), grayscale (``gray_prob``), then with
+    ``color_jitter_pt_prob`` torchvision-style ``brightness`` / ``contrast`` / ``saturation``
+    factors and a ``hue`` rotation (in turns), each drawn from its range, applied in a random order.
     """
 
     blur: bool = True
@@ -59,11 +77,19 @@ class DegradationConfig:
     color_jitter_prob: float = 0.0
     color_jitter_shift: float = 20.0
     gray_prob: float = 0.0
+    color_jitter_pt_prob: float = 0.0
+    brightness: tuple[float, float] = (0.5, 1.5)
+    contrast: tuple[float, float] = (0.5, 1.5)
+    saturation: tuple[float, float] = (0.0, 1.5)
+    hue: tuple[float, float] = (-0.1, 0.1)
 
     def __post_init__(self) -> None:
         if self.kernel_size % 2 != 1 or self.kernel_size < 1:
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
-        for name in ("blur_sigma", "motion_length", "downsample_range", "noise_range", "jpeg_range"):
+        for name in (
+            "blur_sigma", "motion_length", "downsample_range", "noise_range", "jpeg_range",
+            "brightness", "contrast", "saturation", "hue",
+        ):  # fmt: skip
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"{name}=({lo}, {hi}): low end above high end")
@@ -75,7 +101,18 @@ class DegradationConfig:
             )
         if self.jpeg and not (1 <= self.jpeg_range[0] <= self.jpeg_range[1] <= 100):
             raise ValueError(f"jpeg_range must lie in [1, 100], got {self.jpeg_range}")
-        for name in ("anisotropic_prob", "motion_blur_prob", "color_jitter_prob", "gray_prob"):
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name)[0] < 0:
+                raise ValueError(f"{name} factors must be >= 0, got {getattr(self, name)}")
+        if not -0.5 <= self.hue[0] <= self.hue[1] <= 0.5:
+            raise ValueError(f"hue must lie in [-0.5, 0.5] (turns), got {self.hue}")
+        for name in (
+            "anisotropic_prob",
+            "motion_blur_prob",
+            "color_jitter_prob",
+            "gray_prob",
+            "color_jitter_pt_prob",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
 
@@ -83,43 +120,53 @@ class DegradationConfig:
     def is_identity(self) -> bool:
         """True when the degradation leaves every image unchanged (preset ``none``)."""
         return not (self.blur or self.downsample or self.noise or self.jpeg) and not (
-            self.color_jitter_prob or self.gray_prob
+            self.color_jitter_prob or self.gray_prob or self.color_jitter_pt_prob
         )
 
     def replace(self, **changes) -> DegradationConfig:
         return dataclasses.replace(self, **changes)
 
 
+# The published data options (CodeFormer's options/*.yml and FFHQBlind(Joint)Dataset), see
+# docs/recipe.md: stage II and the large stage III degradations ...
 _STAGE2 = DegradationConfig(
-    blur_sigma=(1.0, 15.0),
-    downsample_range=(4.0, 30.0),
-    noise_range=(0.0, 20.0),
-    jpeg_range=(30, 80),
-    color_jitter_prob=0.3,
-    color_jitter_shift=20.0,
-    gray_prob=0.01,
+    blur_sigma=(1.0, 15.0), downsample_range=(4.0, 30.0), noise_range=(0.0, 20.0), jpeg_range=(30, 80)
 )
+# ... the small stage III degradations ...
 _STAGE3_SMALL = _STAGE2.replace(
     blur_sigma=(0.1, 10.0), downsample_range=(1.0, 12.0), noise_range=(0.0, 15.0), jpeg_range=(60, 100)
 )
+# ... and colorization: the stage II ranges plus the colour changes of the input (the
+# torchvision-style factor ranges are the dataset code's defaults, which the option file keeps).
+_COLORIZATION = _STAGE2.replace(
+    color_jitter_prob=0.3, color_jitter_shift=20.0, gray_prob=0.01, color_jitter_pt_prob=0.3
+)
+# Beyond the published stage II / III options: a colour shift (p 0.3, +-20) and grayscale (p 0.01)
+# on top of the ranges, what this library's stage presets did before they followed the options.
+_EXTRA_JITTER = {"color_jitter_prob": 0.3, "color_jitter_shift": 20.0, "gray_prob": 0.01}
 _NONE = DegradationConfig(blur=False, downsample=False, noise=False, jpeg=False)
 
-#: The published ranges (CodeFormer stage II / III training options).
+#: Named degradations: the published ones (``none`` for stage I and inpainting, ``stage2``,
+#: ``stage3_small``, ``stage3_large``, ``colorization``) and the ``*_jitter`` extras.
 PRESETS: dict[str, DegradationConfig] = {
     "none": _NONE,
     "stage2": _STAGE2,
     "stage3_small": _STAGE3_SMALL,
     "stage3_large": _STAGE2,
+    "colorization": _COLORIZATION,
+    "stage2_jitter": _STAGE2.replace(**_EXTRA_JITTER),
+    "stage3_small_jitter": _STAGE3_SMALL.replace(**_EXTRA_JITTER),
+    "stage3_large_jitter": _STAGE2.replace(**_EXTRA_JITTER),
 }
 
 
 def preset(name: str | DegradationConfig) -> DegradationConfig:
-    """The named preset (``none``, ``stage2``, ``stage3_small``, ``stage3_large``); a config passes through."""
+    """The named preset (see :data:`PRESETS`); a :class:`DegradationConfig` passes through."""
     if isinstance(name, DegradationConfig):
         return name
     try:
         return PRESETS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown degradation preset {name!r}; valid presets: {', '.join(PRESETS)}"
         ) from None
@@ -145,6 +192,12 @@ class DegradationParams:
     jpeg_quality: int | None = None
     color_shift: np.ndarray | None = None
     gray: bool = False
+    jitter_order: tuple[int, ...] | None = None  # indices into color.JITTER_OPS
+    jitter_factors: dict[str, float] | None = None
+
+    @property
+    def changes_colors(self) -> bool:
+        return self.color_shift is not None or self.gray or self.jitter_order is not None
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -190,38 +243,48 @@ def motion_kernel(length: int, angle: float, size: int = KERNEL_SIZE) -> np.ndar
 def sample_params(
     cfg: DegradationConfig, rng: np.random.Generator, size: tuple[int, int]
 ) -> DegradationParams:
-    """Draw one degradation for an image of ``size = (H, W)``; the order of draws is fixed."""
+    """Draw one degradation for an image of ``size = (H, W)``; the order of draws is fixed (the
+    published order: kernel, factor, noise, JPEG quality, colour shift, grayscale, jitter)."""
     h, w = size
     p = DegradationParams()
     if cfg.blur:
-        lo, hi = cfg.blur_sigma
-        if cfg.motion_blur_prob and rng.random() < cfg.motion_blur_prob:
-            p.kernel_kind = "motion"
-            p.motion_length = int(rng.integers(cfg.motion_length[0], cfg.motion_length[1] + 1))
-            p.theta = float(rng.uniform(-math.pi, math.pi))
-            p.kernel = motion_kernel(p.motion_length, p.theta, cfg.kernel_size)
-        elif rng.random() < cfg.anisotropic_prob:
-            p.kernel_kind = "aniso"
-            p.sigma_x, p.sigma_y = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
-            p.theta = float(rng.uniform(-math.pi, math.pi))
-            p.kernel = gaussian_kernel_2d(p.sigma_x, p.sigma_y, p.theta, cfg.kernel_size)
-        else:
-            p.kernel_kind = "iso"
-            p.sigma_x = p.sigma_y = float(rng.uniform(lo, hi))
-            g = gaussian_kernel_1d(p.sigma_x, cfg.kernel_size)
-            p.kernel = np.outer(g, g)
+        _sample_kernel(cfg, rng, p)
     if cfg.downsample:
         p.scale = float(rng.uniform(*cfg.downsample_range))
-        p.out_size = (max(1, round(h / p.scale)), max(1, round(w / p.scale)))
+        # the published resize target: int(512 // r), floor of the true size
+        p.out_size = (max(1, int(h // p.scale)), max(1, int(w // p.scale)))
     if cfg.noise:
         p.noise_sigma = float(rng.uniform(*cfg.noise_range))
     if cfg.jpeg:
-        p.jpeg_quality = int(rng.integers(cfg.jpeg_range[0], cfg.jpeg_range[1] + 1))
+        p.jpeg_quality = int(rng.uniform(*cfg.jpeg_range))  # published: int() of a uniform draw
     if cfg.color_jitter_prob and rng.random() < cfg.color_jitter_prob:
         p.color_shift = rng.uniform(-cfg.color_jitter_shift, cfg.color_jitter_shift, size=3)
     if cfg.gray_prob and rng.random() < cfg.gray_prob:
         p.gray = True
+    if cfg.color_jitter_pt_prob and rng.random() < cfg.color_jitter_pt_prob:
+        p.jitter_order = tuple(int(i) for i in rng.permutation(len(JITTER_OPS)))
+        p.jitter_factors = {name: float(rng.uniform(*getattr(cfg, name))) for name in JITTER_OPS}
     return p
+
+
+def _sample_kernel(cfg: DegradationConfig, rng: np.random.Generator, p: DegradationParams) -> None:
+    """Draw the blur kernel into ``p``: motion (extra, off by default), anisotropic or isotropic."""
+    lo, hi = cfg.blur_sigma
+    if cfg.motion_blur_prob and rng.random() < cfg.motion_blur_prob:
+        p.kernel_kind = "motion"
+        p.motion_length = int(rng.integers(cfg.motion_length[0], cfg.motion_length[1] + 1))
+        p.theta = float(rng.uniform(-math.pi, math.pi))
+        p.kernel = motion_kernel(p.motion_length, p.theta, cfg.kernel_size)
+    elif rng.random() < cfg.anisotropic_prob:
+        p.kernel_kind = "aniso"
+        p.sigma_x, p.sigma_y = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+        p.theta = float(rng.uniform(-math.pi, math.pi))
+        p.kernel = gaussian_kernel_2d(p.sigma_x, p.sigma_y, p.theta, cfg.kernel_size)
+    else:
+        p.kernel_kind = "iso"
+        p.sigma_x = p.sigma_y = float(rng.uniform(lo, hi))
+        g = gaussian_kernel_1d(p.sigma_x, cfg.kernel_size)
+        p.kernel = np.outer(g, g)
 
 
 # ----------------------------------------------------------------------------- blur + downsample
@@ -558,19 +621,6 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
 
 
-def to_gray3(image: np.ndarray) -> np.ndarray:
-    """``(H, W, 3) uint8 RGB`` -> its luma repeated in 3 channels."""
-    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-    return np.repeat(gray[:, :, None], 3, axis=2)
-
-
-def shift_colors(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Add a per-channel shift (grey levels, ``(3,)``) to ``(H, W, 3) uint8``; saturates."""
-    lut = np.clip(np.arange(256)[:, None] + np.round(np.asarray(shift))[None, :], 0, 255).astype(np.uint8)
-    # a lookup table per channel: no int16 copy of the image
-    return cv2.LUT(np.ascontiguousarray(image), lut.reshape(256, 1, 3))
-
-
 def gaussian_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> np.ndarray:
     """``shape`` float32 samples of N(0, sigma^2).
 
@@ -587,8 +637,10 @@ def gaussian_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generato
 def apply_degradation(image: np.ndarray, params: DegradationParams, rng: np.random.Generator) -> np.ndarray:
     """Degrade ``(H, W, 3) uint8 RGB`` with drawn ``params``; noise samples come from ``rng``.
 
-    Returns ``(H, W, 3) uint8 RGB`` of the input's size: blur, downsample, noise, JPEG, bilinear
-    resize back, then colour shift and grayscale.
+    Returns ``(H, W, 3) uint8 RGB`` of the input's size, in the published order: blur, downsample,
+    noise, JPEG (of the image rounded to 8 bit), bilinear resize back, then the colour changes
+    (shift, grayscale, jitter). Between JPEG and the end the image stays unrounded float, as in the
+    published pipeline, and is rounded once.
     """
     h, w = image.shape[:2]
     out = image
@@ -596,16 +648,32 @@ def apply_degradation(image: np.ndarray, params: DegradationParams, rng: np.rand
         low = blur_and_downsample(image, params.kernel, params.out_size)
         if params.noise_sigma > 0:
             low += gaussian_noise(low.shape, params.noise_sigma, rng)
-        out = np.clip(np.rint(low), 0, 255).astype(np.uint8)
+        out = np.clip(low, 0.0, 255.0)
     if params.jpeg_quality is not None:
-        out = jpeg_round_trip(out, params.jpeg_quality)
+        out = jpeg_round_trip(_to_uint8(out), params.jpeg_quality)
     if out.shape[:2] != (h, w):
-        out = cv2.resize(np.ascontiguousarray(out), (w, h), interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(np.ascontiguousarray(out, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    if params.changes_colors:
+        out = _change_colors(out.astype(np.float32), params)
+    return _to_uint8(out)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float grey levels rounded and clipped to ``uint8`` (uint8 input passes through)."""
+    if image.dtype == np.uint8:
+        return image
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _change_colors(image: np.ndarray, params: DegradationParams) -> np.ndarray:
+    """The drawn colour changes on ``(H, W, 3) float32`` grey levels, in the published order."""
     if params.color_shift is not None:
-        out = shift_colors(out, params.color_shift)
+        image = color.shift_channels(image, params.color_shift)
     if params.gray:
-        out = to_gray3(out)
-    return out
+        image = color.to_gray(image)
+    if params.jitter_order is not None:
+        image = color.color_jitter(image, params.jitter_order, params.jitter_factors)
+    return image
 
 
 def degrade(
@@ -617,56 +685,3 @@ def degrade(
         raise ValueError(f"degrade expects an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
     params = sample_params(cfg, rng, image.shape[:2])
     return apply_degradation(image, params, rng), params
-
-
-# ----------------------------------------------------------------------------- task variants
-def colorization_input(
-    image: np.ndarray, rng: np.random.Generator, jitter_prob: float = 0.5, shift: float = 20.0
-) -> np.ndarray:
-    """Input of the colorization task: ``(H, W, 3) uint8`` -> grayscale, then (with ``jitter_prob``) a
-    random per-channel colour cast of up to ``shift`` grey levels, as faded or tinted old photos."""
-    gray = to_gray3(image)
-    if rng.random() < jitter_prob:
-        gray = shift_colors(gray, rng.uniform(-shift, shift, size=3))
-    return gray
-
-
-def brush_stroke_mask(
-    size: int,
-    rng: np.random.Generator,
-    strokes: tuple[int, int] = (1, 4),
-    vertices: tuple[int, int] = (4, 12),
-    width: tuple[float, float] = (12 / 512, 40 / 512),
-    length: tuple[float, float] = (10 / 512, 80 / 512),
-) -> np.ndarray:
-    """Free-form brush strokes: ``(size, size) bool`` (True = painted).
-
-    Each stroke is a polyline of a random number of ``vertices`` starting at a random point, every
-    segment at a random angle and ``length`` (fractions of ``size``), drawn with a random ``width``
-    (fraction of ``size``) and round joints.
-    """
-    mask = np.zeros((size, size), np.uint8)
-    for _ in range(int(rng.integers(strokes[0], strokes[1] + 1))):
-        x, y = rng.uniform(0, size, 2)
-        thickness = max(1, round(rng.uniform(*width) * size))
-        angle = rng.uniform(0, 2 * math.pi)
-        for _ in range(int(rng.integers(vertices[0], vertices[1] + 1))):
-            angle += rng.uniform(-math.pi / 3, math.pi / 3)  # strokes bend, they do not zig-zag
-            step = rng.uniform(*length) * size
-            nx = float(np.clip(x + step * math.cos(angle), 0, size - 1))
-            ny = float(np.clip(y + step * math.sin(angle), 0, size - 1))
-            cv2.line(mask, (round(x), round(y)), (round(nx), round(ny)), 1, thickness)
-            cv2.circle(mask, (round(nx), round(ny)), thickness // 2, 1, -1)
-            x, y = nx, ny
-    return mask.astype(bool)
-
-
-def inpainting_input(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Input of the inpainting task: ``(H, W, 3) uint8`` with brush strokes painted white or black
-    (chosen at random per image). Returns ``(lq uint8, mask (H, W) bool)``."""
-    h, w = image.shape[:2]
-    mask = brush_stroke_mask(max(h, w), rng)[:h, :w]
-    colour = 255 if rng.random() < 0.5 else 0
-    out = image.copy()
-    out[mask] = colour
-    return out, mask

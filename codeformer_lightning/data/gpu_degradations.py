@@ -15,7 +15,9 @@ not bit-identical.
   upsampling, rounding to 8-bit levels. Artefacts (blocking, ringing, chroma bleeding) and their
   dependence on quality match libjpeg closely; pixel values differ slightly (libjpeg's integer
   DCT, its "fancy" upsampling);
-* bilinear resize back, then colour shift and grayscale per sample.
+* bilinear resize back, then colour shift, grayscale and the torchvision-style jitter per sample
+  (the published order; downsampled size ``floor(H / r)`` and JPEG quality ``int(q)`` as
+  published), rounded to 8-bit levels once at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .color import JITTER_OPS
 from .degradations import DegradationConfig, preset
 
 _LUMA_Q = torch.tensor(
@@ -126,45 +129,54 @@ def degrade_batch(
     x: torch.Tensor, cfg: DegradationConfig | str, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Degrade ``(B, 3, H, W)`` in [-1, 1] on its device; all draws from ``generator`` (on ``x``'s
-    device). Returns ``(lq (B, 3, H, W) in [-1, 1], params)`` with per-sample ``(B,)`` tensors
-    ``sigma_x, sigma_y, theta, scale, noise_sigma, jpeg_quality, gray`` and ``color_shift (B, 3)``."""
+    device).
+
+    Returns a tuple ``(lq, params)``: ``lq`` ``(B, 3, H, W)`` in [-1, 1] (8-bit levels), ``params``
+    a dict of per-sample ``(B,)`` tensors ``sigma_x, sigma_y, theta`` (with blur), ``scale,
+    noise_sigma, jpeg_quality, gray, jitter`` and ``color_shift (B, 3)`` (zero where not drawn).
+    """
     cfg = preset(cfg)
     if cfg.motion_blur_prob > 0:
         raise NotImplementedError(
             "motion blur is only in the numpy path (codeformer_lightning.data.degradations)"
         )
-    b, c, h, w = x.shape
-    gen = generator
     img = (x.float() + 1) * 127.5  # grey levels
     params: dict[str, torch.Tensor] = {}
     if cfg.blur:
-        lo, hi = cfg.blur_sigma
-        aniso = torch.rand(b, generator=gen, device=gen.device) < cfg.anisotropic_prob
-        sx, sy = _uniform(b, lo, hi, gen), _uniform(b, lo, hi, gen)
-        theta = _uniform(b, -math.pi, math.pi, gen)
-        sy = torch.where(aniso, sy, sx)
-        theta = torch.where(aniso, theta, torch.zeros_like(theta))
-        params.update(sigma_x=sx, sigma_y=sy, theta=theta)
-        img = fft_blur(img, gaussian_kernels(sx, sy, theta, cfg.kernel_size).to(img.device))
-    scale = (
-        _uniform(b, *cfg.downsample_range, gen)
-        if cfg.downsample
-        else torch.ones(b, dtype=torch.float64, device=gen.device)
-    )
-    noise = (
-        _uniform(b, *cfg.noise_range, gen)
-        if cfg.noise
-        else torch.zeros(b, dtype=torch.float64, device=gen.device)
-    )
-    quality = (
-        torch.randint(cfg.jpeg_range[0], cfg.jpeg_range[1] + 1, (b,), generator=gen, device=gen.device)
-        if cfg.jpeg
-        else torch.zeros(b, dtype=torch.long, device=gen.device)
-    )
+        img = _blur(img, cfg, generator, params)
+    lq = _resample_noise_jpeg(img, cfg, generator, params)
+    lq = _change_colors(lq, cfg, generator, params)
+    return (lq.round() / 127.5 - 1).clamp(-1, 1).to(x.dtype), params
+
+
+def _blur(img: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, params: dict) -> torch.Tensor:
+    """Per-sample isotropic / anisotropic Gaussian blur (the published kernel mix)."""
+    b = img.shape[0]
+    lo, hi = cfg.blur_sigma
+    aniso = torch.rand(b, generator=gen, device=gen.device) < cfg.anisotropic_prob
+    sx, sy = _uniform(b, lo, hi, gen), _uniform(b, lo, hi, gen)
+    theta = _uniform(b, -math.pi, math.pi, gen)
+    sy = torch.where(aniso, sy, sx)
+    theta = torch.where(aniso, theta, torch.zeros_like(theta))
+    params.update(sigma_x=sx, sigma_y=sy, theta=theta)
+    return fft_blur(img, gaussian_kernels(sx, sy, theta, cfg.kernel_size).to(img.device))
+
+
+def _resample_noise_jpeg(
+    img: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, params: dict
+) -> torch.Tensor:
+    """Downsample to ``floor(H / r)``, add noise, JPEG at ``int(q)``, resize back (per sample)."""
+    b, _, h, w = img.shape
+    ones = torch.ones(b, dtype=torch.float64, device=gen.device)
+    scale = _uniform(b, *cfg.downsample_range, gen) if cfg.downsample else ones
+    noise = _uniform(b, *cfg.noise_range, gen) if cfg.noise else 0 * ones
+    # the published quality: int() of a uniform draw in the range
+    quality = _uniform(b, *cfg.jpeg_range, gen).floor().long() if cfg.jpeg else (0 * ones).long()
     params.update(scale=scale, noise_sigma=noise, jpeg_quality=quality)
     out = []
     for i in range(b):
-        size = (max(1, round(h / float(scale[i]))), max(1, round(w / float(scale[i]))))
+        r = float(scale[i])
+        size = (max(1, int(h // r)), max(1, int(w // r)))
         low = img[i : i + 1]
         if size != (h, w):
             low = F.interpolate(low, size=size, mode="bilinear", align_corners=False, antialias=False)
@@ -172,19 +184,92 @@ def degrade_batch(
             low = low + torch.randn(low.shape, generator=gen, device=gen.device).to(low.device) * float(
                 noise[i]
             )
-        low = low.clamp(0, 255).round()
+        low = low.clamp(0, 255)
         if cfg.jpeg:
-            low = jpeg_approx(low[0], int(quality[i]))[None]
+            low = jpeg_approx(low[0].round(), int(quality[i]))[None]
         if size != (h, w):
             low = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
         out.append(low)
-    lq = torch.cat(out)
+    return torch.cat(out)
+
+
+def _change_colors(
+    lq: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, params: dict
+) -> torch.Tensor:
+    """Colour shift, grayscale and the torchvision-style jitter (published order), per sample."""
+    b = lq.shape[0]
     jitter = torch.rand(b, generator=gen, device=gen.device) < cfg.color_jitter_prob
-    shift = (torch.rand(b, 3, generator=gen, device=gen.device) * 2 - 1) * cfg.color_jitter_shift
-    shift = torch.where(jitter[:, None], shift, torch.zeros_like(shift)).round()
+    shift = (
+        torch.rand(b, 3, generator=gen, device=gen.device, dtype=torch.float64) * 2 - 1
+    ) * cfg.color_jitter_shift
+    shift = torch.where(jitter[:, None], shift, torch.zeros_like(shift))
     lq = (lq + shift.to(lq)[:, :, None, None]).clamp(0, 255)
     gray = torch.rand(b, generator=gen, device=gen.device) < cfg.gray_prob
     luma = (0.299 * lq[:, 0] + 0.587 * lq[:, 1] + 0.114 * lq[:, 2])[:, None].expand(-1, 3, -1, -1)
     lq = torch.where(gray.to(lq.device)[:, None, None, None], luma, lq)
-    params.update(color_shift=shift, gray=gray)
-    return (lq / 127.5 - 1).clamp(-1, 1).to(x.dtype), params
+    pt = torch.rand(b, generator=gen, device=gen.device) < cfg.color_jitter_pt_prob
+    params.update(color_shift=shift, gray=gray, jitter=pt)
+    if not bool(pt.any()):
+        return lq
+    out = []
+    for i in range(b):
+        image = lq[i]
+        if pt[i]:
+            order = torch.randperm(len(JITTER_OPS), generator=gen, device=gen.device).tolist()
+            factors = {name: float(_uniform(1, *getattr(cfg, name), gen)) for name in JITTER_OPS}
+            image = color_jitter(image, order, factors)
+        out.append(image)
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- colour jitter
+_TORCHVISION_LUMA = (0.2989, 0.587, 0.114)
+
+
+def _luma(image: torch.Tensor) -> torch.Tensor:
+    r, g, b = image
+    return (_TORCHVISION_LUMA[0] * r + _TORCHVISION_LUMA[1] * g + _TORCHVISION_LUMA[2] * b)[None]
+
+
+def _rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
+    """Hexcone RGB -> HSV, hue + ``turns`` (mod 1), back; ``(3, H, W)`` in grey levels."""
+    r, g, b = image
+    value, _ = image.max(0)
+    chroma = value - image.min(0).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sat = torch.where(
+        value > 0, chroma / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value)
+    )
+    hue = torch.where(
+        value == r, (g - b) / safe, torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
+    )
+    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
+    hue = torch.remainder(hue / 6.0 + turns, 1.0) * 6.0
+    sector = torch.floor(hue)
+    frac = hue - sector
+    p, q, t = value * (1 - sat), value * (1 - sat * frac), value * (1 - sat * (1 - frac))
+    sector = sector.long() % 6
+    table = torch.stack(
+        [
+            torch.stack([value, q, p, p, t, value]),
+            torch.stack([t, value, value, q, p, p]),
+            torch.stack([p, p, t, value, value, q]),
+        ]
+    )  # (3 channels, 6 sectors, H, W)
+    return table.gather(1, sector[None, None].expand(3, 1, *sector.shape))[:, 0]
+
+
+def color_jitter(image: torch.Tensor, order, factors: dict[str, float]) -> torch.Tensor:
+    """torchvision-style brightness / contrast / saturation / hue of ``(3, H, W)`` grey levels,
+    in ``order`` (indices into :data:`JITTER_OPS`); see :func:`.color.color_jitter`."""
+    for index in order:
+        name, f = JITTER_OPS[int(index)], factors[JITTER_OPS[int(index)]]
+        if name == "brightness":
+            image = (image * f).clamp(0, 255)
+        elif name == "contrast":
+            image = (f * image + (1 - f) * _luma(image).mean()).clamp(0, 255)
+        elif name == "saturation":
+            image = (f * image + (1 - f) * _luma(image)).clamp(0, 255)
+        else:
+            image = _rotate_hue(image, f)
+    return image

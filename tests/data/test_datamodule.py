@@ -84,7 +84,7 @@ def test_clear_errors(tmp_path, face_folder):
     folder, _ = face_folder
     with pytest.raises(ValueError, match="valid presets: none, stage2, stage3_small, stage3_large"):
         _dm(folder, degradation="heavy")
-    with pytest.raises(ValueError, match="valid tasks: restoration, colorization, inpainting"):
+    with pytest.raises(ValueError, match="valid tasks: restoration, inpainting, grayscale"):
         _dm(folder, task="superres")
     with pytest.raises(ValueError, match="exactly one of train_dir"):
         FaceDataModule(train_dir=None, train_lmdb=None)
@@ -179,4 +179,4 @@ def test_gpu_degradation_hook_degrades_training_batches_only(face_folder):
     val = next(iter(dm.val_dataloader()))
     assert not torch.equal(val["lq"], val["gt"])  # validation keeps the numpy degradations
     with pytest.raises(ValueError, match="restoration. only"):
-        _dm(folder, gpu_degradation=True, task="colorization")
+        _dm(folder, gpu_degradation=True, task="grayscale")

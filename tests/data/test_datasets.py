@@ -101,7 +101,7 @@ def test_stage3_pairs_and_task_variants(face_folder):
     folder, _ = face_folder
     pair = FaceDataset(ImageFolderSource(folder), 32, "stage3_small", paired_small_large=True)[0]
     assert pair["lq_large"].shape == pair["lq"].shape and not torch.equal(pair["lq"], pair["lq_large"])
-    colour = FaceDataset(ImageFolderSource(folder), 32, "none", task="colorization", seed=3)
+    colour = FaceDataset(ImageFolderSource(folder), 32, "none", task="grayscale", seed=3)
     gray_like = [colour[i]["lq"] for i in range(8)]
     # grayscale (then at most a per-channel cast): channel differences are constant over the image
     for lq in gray_like:
@@ -111,7 +111,7 @@ def test_stage3_pairs_and_task_variants(face_folder):
     assert inpaint["mask"].shape == (1, 32, 32) and inpaint["mask"].sum() > 0
     keep = inpaint["mask"][0] == 0
     assert torch.equal(inpaint["lq"][:, keep], inpaint["gt"][:, keep])
-    with pytest.raises(ValueError, match="valid tasks: restoration, colorization, inpainting"):
+    with pytest.raises(ValueError, match="valid tasks: restoration, inpainting, grayscale"):
         FaceDataset(ImageFolderSource(folder), 32, task="deblur")
 
 
