@@ -22,6 +22,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,71 +33,106 @@ from fastapi.responses import JSONResponse
 
 from codeformer_lightning.serve.batching import BatchRestorer, BatchStats, Rejection, Restored
 from codeformer_lightning.serve.gate import RequestGate
-from codeformer_lightning.serve.protocol import Limits, RequestError, parse_request, response_body
+from codeformer_lightning.serve.protocol import (
+    Limits,
+    RequestError,
+    RestoreRequest,
+    parse_fields,
+    response_body,
+)
 
 API_PATH = "/restore"
 log = logging.getLogger("codeformer_lightning.serve")
 
 
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_TIMEOUT = 0.02
+
+
 @dataclass(frozen=True)
 class RestorerSettings:
-    """How each inference worker builds its :class:`FaceRestorer` (the device comes from LitServe)."""
+    """How each inference worker builds its :class:`FaceRestorer` (the device comes from LitServe).
+    ``threads``: torch CPU threads (None: torch's default); ``cpu_threads``: threads that decode
+    uploads and encode answers in parallel (PIL and OpenCV release the GIL)."""
 
     weights: str
     precision: str = "fp32"
-    face_batch_size: int = 8
+    face_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     detector: str = "mtcnn"
     detector_weights: str | None = None
     threads: int | None = None
+    cpu_threads: int = 4
 
 
 class RestorationAPI(ls.LitAPI):
-    """LitServe steps: ``setup`` loads the network once per worker, ``decode_request`` validates
-    one request (a :class:`Rejection` instead of raising, so that a bad request cannot fail its
-    batch), ``predict`` restores a batch, ``encode_response`` builds the JSON or the error."""
+    """LitServe steps: ``setup`` loads the network once per worker; ``decode_request`` checks one
+    request's fields (a :class:`Rejection` instead of raising, so that a bad request cannot fail
+    its batch); ``predict`` decodes the batch's images in parallel, restores them together and
+    builds the answers in parallel; ``encode_response`` hands over the JSON or the error."""
 
     def __init__(self, settings: RestorerSettings, limits: Limits, stats: BatchStats | None = None,
-                 max_batch_size: int = 8, batch_timeout: float = 0.05) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_timeout: float = DEFAULT_BATCH_TIMEOUT) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.settings = settings
         self.limits = limits
         self.stats = stats
         self.batcher: BatchRestorer | None = None
+        self.pool: ThreadPoolExecutor | None = None
 
     def setup(self, device: str) -> None:
         from codeformer_lightning.inference.restorer import FaceRestorer
 
         _log_to_stderr()
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
         s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
         restorer = FaceRestorer(s.weights, detector=s.detector, device=device, precision=s.precision,
                                 batch_size=s.face_batch_size, detector_weights=s.detector_weights)
         _ = restorer.detector  # built now: a missing detector file stops start-up, not the first photo
         self.batcher = BatchRestorer(restorer, self.stats)
-        log.info("worker ready on %s: %s, %s, %d faces per network call", device, s.weights, s.precision,
-                 s.face_batch_size)
+        self.pool = ThreadPoolExecutor(s.cpu_threads, thread_name_prefix="codec")
+        log.info("worker ready on %s: %s, %s, %d faces per network call, %d codec threads", device, s.weights,
+                 s.precision, s.face_batch_size, s.cpu_threads)
 
     def decode_request(self, request):
         try:
-            return parse_request(request, self.limits)
+            return parse_fields(request, self.limits)
         except RequestError as exc:
             return Rejection(exc.status, exc.detail)
 
+    def _decode(self, item: RestoreRequest | Rejection) -> RestoreRequest | Rejection:
+        if isinstance(item, Rejection):
+            return item
+        try:
+            return item.decode(self.limits.max_pixels)
+        except RequestError as exc:
+            return Rejection(exc.status, exc.detail)
+
+    @staticmethod
+    def _answer(outcome: Restored | Rejection) -> dict | JSONResponse:
+        if isinstance(outcome, Rejection):
+            return JSONResponse({"detail": outcome.detail}, status_code=outcome.status)
+        return response_body(outcome.request, outcome.result, outcome.batch)
+
     def predict(self, x):
         # LitServe passes a list when batching (max_batch_size > 1) and a single item otherwise
-        if isinstance(x, list):
-            return self.batcher.restore(x)
-        return self.batcher.restore([x])[0]
+        items = x if isinstance(x, list) else [x]
+        start = time.perf_counter()
+        decoded = list(self.pool.map(self._decode, items))
+        decoded_at = time.perf_counter()
+        outcomes = self.batcher.restore(decoded)
+        restored_at = time.perf_counter()
+        answers = list(self.pool.map(self._answer, outcomes))
+        if self.stats is not None:
+            self.stats.add_seconds("decode", decoded_at - start)
+            self.stats.add_seconds("encode", time.perf_counter() - restored_at)
+        return answers if isinstance(x, list) else answers[0]
 
     def unbatch(self, output):
         return output
 
     def encode_response(self, output):
-        if isinstance(output, Rejection):
-            return JSONResponse({"detail": output.detail}, status_code=output.status)
-        assert isinstance(output, Restored)
-        return response_body(output.request, output.result, output.batch)
+        return output  # built in predict, in parallel
 
 
 def _log_to_stderr() -> None:
@@ -112,7 +149,7 @@ def build_server(args: argparse.Namespace) -> ls.LitServer:
     stats = BatchStats(args.max_batch_size, args.face_batch_size or args.max_batch_size)
     settings = RestorerSettings(str(args.weights), args.precision, args.face_batch_size or args.max_batch_size,
                                 args.detector, str(args.detector_weights) if args.detector_weights else None,
-                                args.threads)
+                                args.threads, args.cpu_threads)
     limits = Limits(args.max_pixels, args.max_upscale, args.max_fidelities)
     api = RestorationAPI(settings, limits, stats, args.max_batch_size, args.batch_timeout)
     in_flight = multiprocessing.get_context("fork").Value("i", 0)  # shared by the forked HTTP processes
@@ -157,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP server processes (default: one per inference worker)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads per worker")
-    p.add_argument("--max-batch-size", type=_positive(int), default=8, help="requests per server batch")
-    p.add_argument("--batch-timeout", type=float, default=0.05,
+    p.add_argument("--cpu-threads", type=_positive(int), default=min(4, os.cpu_count() or 1),
+                   help="threads per worker that decode uploads and encode answers")
+    p.add_argument("--max-batch-size", type=_positive(int), default=DEFAULT_MAX_BATCH_SIZE,
+                   help="requests per server batch")
+    p.add_argument("--batch-timeout", type=float, default=DEFAULT_BATCH_TIMEOUT,
                    help="seconds a batch waits for more requests")
     p.add_argument("--face-batch-size", type=_positive(int), default=None,
                    help="faces per network call (default: --max-batch-size)")

@@ -44,15 +44,18 @@ class Restored:
 
 class BatchStats:
     """Counters shared between processes: server batches by number of requests and network calls
-    by number of faces, plus totals. Create it before the worker processes start."""
+    by number of faces, totals, and seconds spent per stage of a batch (:data:`STAGES`). Create it
+    before the worker processes start."""
 
     _TOTALS = ("batches", "requests", "rejected", "faces", "network_calls")
+    STAGES = ("decode", "restore", "encode")
 
     def __init__(self, max_requests: int, max_faces: int, context=None) -> None:
         ctx = context or multiprocessing.get_context("spawn")
         self._requests = ctx.Array("q", max_requests + 1)  # histogram over requests per batch
         self._calls = ctx.Array("q", max_faces + 1)  # histogram over faces per network call
         self._totals = ctx.Array("q", len(self._TOTALS))
+        self._seconds = ctx.Array("d", len(self.STAGES), lock=False)  # guarded by the totals' lock
 
     def record(self, requests: int, rejected: int, faces: int, calls: Sequence[int]) -> None:
         with self._totals.get_lock():
@@ -62,14 +65,20 @@ class BatchStats:
             for i, value in enumerate((1, requests, rejected, faces, len(calls))):
                 self._totals[i] += value
 
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        with self._totals.get_lock():
+            self._seconds[self.STAGES.index(stage)] += seconds
+
     def snapshot(self) -> dict:
         """``{"batches", "requests", "rejected", "faces", "network_calls", "requests_per_batch":
-        {size: count}, "faces_per_network_call": {size: count}}`` (sizes as strings: JSON keys)."""
+        {size: count}, "faces_per_network_call": {size: count}, "seconds": {stage: s}}`` (sizes
+        as strings: JSON keys)."""
         with self._totals.get_lock():
             totals = dict(zip(self._TOTALS, self._totals[:]))
             per_batch = {str(n): c for n, c in enumerate(self._requests[:]) if c}
             per_call = {str(n): c for n, c in enumerate(self._calls[:]) if c}
-        return {**totals, "requests_per_batch": per_batch, "faces_per_network_call": per_call}
+            seconds = {stage: round(value, 6) for stage, value in zip(self.STAGES, self._seconds[:])}
+        return {**totals, "requests_per_batch": per_batch, "faces_per_network_call": per_call, "seconds": seconds}
 
 
 def with_options(restorer: FaceRestorer, upscale: float, only_center_face: bool) -> FaceRestorer:
@@ -148,3 +157,4 @@ class BatchRestorer:
                  len(outcomes), rejected, faces, calls or "no", seconds * 1000)
         if self.stats is not None:
             self.stats.record(len(outcomes), rejected, faces, calls)
+            self.stats.add_seconds("restore", seconds)

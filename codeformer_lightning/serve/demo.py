@@ -28,7 +28,7 @@ import numpy as np
 from codeformer_lightning.inference.restorer import FaceRestorer
 from codeformer_lightning.io import BadImageError, composite_on_white, read_image_with_alpha, write_image
 from codeformer_lightning.serve.batching import with_options
-from codeformer_lightning.serve.protocol import Limits, output_alpha
+from codeformer_lightning.serve.protocol import Limits, output_image
 
 ELEMENT_IDS = {"photo": "photo", "fidelity": "fidelity", "before_after": "before-after", "faces": "faces",
                "download": "download", "status": "status"}
@@ -72,7 +72,7 @@ class DemoRestorer:
         faces = []
         for k, (crop, restored) in enumerate(zip(result.cropped_faces, result.restored_faces[result.ws[0]])):
             faces += [(crop, f"face {k + 1}: input"), (restored, f"face {k + 1}: w = {result.ws[0]:.2f}")]
-        download = self._write(Path(path).stem, after, output_alpha(alpha, aligned, after), result.ws[0])
+        download = self._write(Path(path).stem, *output_image(result, result.ws[0], rgb, alpha), result.ws[0])
         seconds = time.perf_counter() - started
         count = len(result.cropped_faces)
         status = (f"Restored {count} face{'s' if count != 1 else ''} at w = {result.ws[0]:.2f} in {seconds:.2f} s; "

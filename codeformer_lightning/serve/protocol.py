@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from codeformer_lightning.inference.restorer import RestoreResult
-from codeformer_lightning.io import BadImageError, decode_image_with_alpha, encode_image
+from codeformer_lightning.io import BadImageError, composite_on_white, decode_image_with_alpha, encode_image
 
 FIELDS = ("image", "w", "aligned", "upscale", "only_center_face", "format", "quality")
 FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg"}
@@ -63,18 +63,33 @@ class Limits:
 
 @dataclass
 class RestoreRequest:
-    """One validated request. ``image`` ``(H, W, 3)`` uint8 RGB (transparency composited on
-    white), ``alpha`` ``(H, W)`` uint8 or None; ``ws`` None: the restorer's default weight."""
+    """One validated request. ``data``: the encoded image as received; :meth:`decode` turns it into
+    ``rgb`` ``(H, W, 3)`` uint8 (the file's colours), ``alpha`` ``(H, W)`` uint8 or None and
+    ``image``, what the restorer sees: ``rgb`` composited on white (``rgb`` itself when opaque).
+    ``ws`` None: the restorer's default weight."""
 
-    image: np.ndarray
-    alpha: np.ndarray | None
+    data: bytes
+    origin: str
     ws: list[float] | None
     aligned: bool
     upscale: float
     only_center_face: bool
     fmt: str
     quality: int
-    origin: str
+    image: np.ndarray | None = None
+    rgb: np.ndarray | None = None
+    alpha: np.ndarray | None = None
+
+    def decode(self, max_pixels: int | None = Limits.max_pixels) -> RestoreRequest:
+        """Decode ``data`` into ``rgb``/``alpha``/``image`` (once; the bytes are then dropped) and
+        return self; raises :class:`RequestError` for unreadable, truncated or too large images."""
+        if self.image is None:
+            try:
+                self.rgb, self.alpha = decode_image_with_alpha(self.data, self.origin, max_pixels)
+            except BadImageError as exc:
+                raise RequestError(400, str(exc)) from None
+            self.image, self.data = composite_on_white(self.rgb, self.alpha), b""
+        return self
 
 
 def _values(payload: object) -> dict[str, list]:
@@ -166,8 +181,9 @@ def _image_bytes(value: object) -> tuple[bytes, str]:
         raise RequestError(400, f"'image' is not valid base64 ({exc})") from None
 
 
-def parse_request(payload: object, limits: Limits = Limits()) -> RestoreRequest:
-    """A form or JSON payload -> :class:`RestoreRequest`, the image decoded; raises :class:`RequestError`."""
+def parse_fields(payload: object, limits: Limits = Limits()) -> RestoreRequest:
+    """A form or JSON payload -> :class:`RestoreRequest` with every field checked and the image
+    still encoded (see :meth:`RestoreRequest.decode`); raises :class:`RequestError`."""
     fields = _values(payload)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
@@ -187,22 +203,31 @@ def parse_request(payload: object, limits: Limits = Limits()) -> RestoreRequest:
     aligned = _flag("aligned", _single(fields, "aligned"))
     only_center_face = _flag("only_center_face", _single(fields, "only_center_face"))
     data, origin = _image_bytes(_single(fields, "image"))
-    try:
-        rgb, alpha = decode_image_with_alpha(data, origin, limits.max_pixels)
-    except BadImageError as exc:
-        raise RequestError(400, str(exc)) from None
-    return RestoreRequest(rgb, alpha, ws, aligned, upscale, only_center_face, FORMATS[fmt], int(quality), origin)
+    return RestoreRequest(data, origin, ws, aligned, upscale, only_center_face, FORMATS[fmt], int(quality))
 
 
-def output_alpha(alpha: np.ndarray | None, aligned: bool, image: np.ndarray) -> np.ndarray | None:
-    """The input's transparency ``alpha`` (H, W) at the size of the output ``image`` (whole photos
-    only: a restored aligned face is opaque), as ``codeformer-restore`` keeps it."""
-    if alpha is None or aligned:
-        return None
+def parse_request(payload: object, limits: Limits = Limits()) -> RestoreRequest:
+    """:func:`parse_fields` and :meth:`RestoreRequest.decode` in one step."""
+    return parse_fields(payload, limits).decode(limits.max_pixels)
+
+
+def output_image(result: RestoreResult, w: float, rgb: np.ndarray, alpha: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The picture to hand back for weight ``w`` and the transparency to store with it.
+
+    Whole photos keep the input's ``alpha`` (resized to the output, as ``codeformer-restore``
+    does); a restored aligned face is opaque. A photo in which nothing was restored comes back
+    as it came in (``rgb``, ``alpha``: not composited on white) when its size is unchanged.
+    """
+    image = result.images[w]
+    if alpha is None or result.aligned:
+        return image, None
+    if not result.cropped_faces and image.shape == rgb.shape:
+        return rgb, alpha
     height, width = image.shape[:2]
-    if alpha.shape == (height, width):
-        return alpha
-    return cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
+    if alpha.shape != (height, width):
+        alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
+    return image, alpha
 
 
 def response_body(request: RestoreRequest, result: RestoreResult, batch: dict) -> dict:
@@ -210,8 +235,8 @@ def response_body(request: RestoreRequest, result: RestoreResult, batch: dict) -
     (in the input image's pixels), output size, notes and what the batch looked like."""
     images = []
     for w in result.ws:
-        image = result.images[w]
-        data = encode_image(image, request.fmt, request.quality, output_alpha(request.alpha, request.aligned, image))
+        image, alpha = output_image(result, w, request.rgb, request.alpha)
+        data = encode_image(image, request.fmt, request.quality, alpha)
         images.append({"w": w, "image": base64.b64encode(data).decode("ascii")})
     first = result.images[result.ws[0]]
     if result.aligned:

@@ -12,7 +12,13 @@ from codeformer_lightning.inference.detection import Face
 from codeformer_lightning.inference.restorer import FaceRestorer
 from codeformer_lightning.io import decode_image, decode_image_with_alpha, encode_image
 from codeformer_lightning.serve.batching import BatchRestorer, BatchStats, Rejection, Restored
-from codeformer_lightning.serve.protocol import Limits, RequestError, parse_request, response_body
+from codeformer_lightning.serve.protocol import (
+    Limits,
+    RequestError,
+    parse_fields,
+    parse_request,
+    response_body,
+)
 
 
 def _photo(seed: int = 0, size: tuple[int, int] = (96, 128)) -> np.ndarray:
@@ -54,6 +60,14 @@ def test_field_errors_name_the_field(fields, message):
     with pytest.raises(RequestError) as caught:
         parse_request(payload, Limits(max_fidelities=3))
     assert caught.value.status == 400 and message in caught.value.detail
+
+
+def test_fields_are_checked_before_the_image_is_decoded():
+    request = parse_fields({"image": base64.b64encode(b"GIF89a broken").decode(), "w": 0.3})
+    assert request.image is None and request.ws == [0.3]  # cheap checks first: decoding runs in parallel later
+    with pytest.raises(RequestError, match="corrupt or truncated|not an image") as caught:
+        request.decode()
+    assert caught.value.status == 400
 
 
 def test_repeated_single_field_and_pixel_limit():

@@ -276,7 +276,9 @@ def _check_clean_shutdown(weights, sig: int) -> None:
         _wait_for(lambda: not left_behind(), timeout=10)
     except AssertionError:
         raise AssertionError(f"processes left behind: {left_behind()}") from None
-    assert "Traceback" not in process.log, process.log[-3000:]
+    # LitServe's worker monitor thread may poll its manager after shutting it down (a race inside
+    # LitServe 0.2.19, logged as "Monitoring worker crashed"); any other traceback is ours
+    assert process.log.count("Traceback") == process.log.count("Monitoring worker crashed"), process.log[-3000:]
 
 
 def test_sigterm_shuts_down_cleanly(tiny_serve_weights):
