@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from .perceptual import LPIPS
+from .perceptual import LPIPS, SettingNames
 
 
 class VQGANLoss(nn.Module):
@@ -23,8 +23,13 @@ class VQGANLoss(nn.Module):
 
     Args:
         perceptual_weight: 0 disables LPIPS entirely (no VGG weights needed).
-        perceptual_weights_path, perceptual_linear_weights_path, perceptual_imagenet_prenorm:
-            passed to :class:`~codeformer_lightning.losses.perceptual.LPIPS`.
+        perceptual_weights_path, perceptual_linear_weights_path, perceptual_imagenet_prenorm,
+        perceptual_uniform_heads: passed to :class:`~codeformer_lightning.losses.perceptual.LPIPS`
+            (heads: ``None`` = the published v0.1 heads shipped with the package).
+        perceptual: an already built LPIPS to use instead (shared with a metric); the path
+            arguments are then unused.
+        hint_prefix: where this loss's settings sit in the caller's config (``model.loss.`` in the
+            stage I config), so error messages name keys that exist.
         adaptive_weight: False uses ``w = 1``.
 
     All terms take images ``(B, 3, H, W)`` in [-1, 1]; the returned dicts hold detached scalars.
@@ -41,6 +46,9 @@ class VQGANLoss(nn.Module):
         perceptual_weights_path: str | Path | None = None,
         perceptual_linear_weights_path: str | Path | None = None,
         perceptual_imagenet_prenorm: bool = False,
+        perceptual_uniform_heads: bool = False,
+        perceptual: LPIPS | None = None,
+        hint_prefix: str = "",
     ) -> None:
         super().__init__()
         self.pixel_weight = pixel_weight
@@ -49,13 +57,25 @@ class VQGANLoss(nn.Module):
         self.gan_weight = gan_weight
         self.adaptive_weight = adaptive_weight
         self.adaptive_weight_max = adaptive_weight_max
-        self.perceptual = (
-            LPIPS(perceptual_weights_path, perceptual_linear_weights_path, perceptual_imagenet_prenorm)
-            if perceptual_weight > 0
-            else None
-        )
+        if perceptual is None and perceptual_weight > 0:
+            names = SettingNames(
+                weights=f"{hint_prefix}perceptual_weights_path",
+                heads=f"{hint_prefix}perceptual_linear_weights_path",
+                uniform_heads=f"{hint_prefix}perceptual_uniform_heads",
+                off=f"{hint_prefix}perceptual_weight=0",
+            )
+            perceptual = LPIPS(
+                perceptual_weights_path,
+                perceptual_linear_weights_path,
+                perceptual_imagenet_prenorm,
+                uniform_heads=perceptual_uniform_heads,
+                names=names,
+            )
+        self.perceptual = perceptual if perceptual_weight > 0 else None
 
-    def reconstruction_loss(self, real: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reconstruction_loss(
+        self, real: torch.Tensor, recon: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``pixel_weight * L1 + perceptual_weight * LPIPS`` (scalar) and its logged terms."""
         l1 = F.l1_loss(recon, real)
         loss = self.pixel_weight * l1
