@@ -9,9 +9,6 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
-# The default face detector (MTCNN) loads the weight files shipped in this wheel; its code and its
-# pinned dependencies are not used, hence --no-deps.
-python -m pip install -q --no-deps facenet-pytorch==2.6.0
 # Reference implementations the comparison tests check us against (tests/reference_packages.py):
 # torchvision's colour functions and the lpips package. Into a folder of their own, never into the
 # environment: the registry's torchvision is built for CUDA torch and, next to the CPU torch installed
