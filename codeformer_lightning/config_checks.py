@@ -26,10 +26,8 @@ PATH_KEYS: dict[str, str] = {
     "autoencoder": "stage I autoencoder weights",
     "init_from": "stage II weights to start stage III from",
     "pretrained": "pretrained weights",
-    "vgg_weights": "VGG16 weights of the perceptual loss",
-    "lpips_weights": "LPIPS weights of the perceptual loss",
-    "perceptual_weights": "weights of the perceptual loss",
-    "arcface_weights": "ArcFace weights of the identity loss",
+    "perceptual_weights": "VGG16 weights of the perceptual loss",
+    "perceptual_linear_weights": "LPIPS head weights of the perceptual loss",
 }
 #: Keys that a stage cannot run without, with the experiment that produces the file.
 REQUIRED_KEYS: dict[str, str] = {
