@@ -150,16 +150,13 @@ def _erode(mask: torch.Tensor, size: int) -> torch.Tensor:
     return _window_min(_window_min(padded, size, -1), size, -2)
 
 
-def gaussian_kernel(ksize: int) -> torch.Tensor:
-    """cv2's own ``getGaussianKernel(ksize, 0)`` as ``(ksize,)`` float64: for small sizes cv2 uses fixed
-    binomial-like tables rather than the sampled Gaussian, and the mask must match it exactly."""
-    return torch.from_numpy(cv2.getGaussianKernel(int(ksize), 0).ravel().astype(np.float64))
-
-
 @functools.lru_cache(maxsize=64)
 def _band(ksize: int, block: int) -> np.ndarray:
     """``(block + ksize - 1, block)`` float32: column ``i`` holds cv2's Gaussian taps at rows ``i .. i+ksize-1``,
-    so a window of ``block + ksize - 1`` padded samples times it is ``block`` blurred samples."""
+    so a window of ``block + ksize - 1`` padded samples times it is ``block`` blurred samples.
+
+    cv2's own taps (``getGaussianKernel(ksize, 0)``), not a sampled Gaussian: cv2 uses fixed tables for
+    small sizes and rounds the others to fixed point, and the mask must match the single-face path's."""
     taps = cv2.getGaussianKernel(int(ksize), 0).ravel()
     band = np.zeros((block + ksize - 1, block), np.float64)
     for i in range(block):
@@ -235,6 +232,31 @@ def paste_faces(
     largest footprint of its members, and gets one ``grid_sample``, one closed-form mask, one erosion
     and one blur. Only the final blend into the frames loops over faces, as it must to composite in order.
     """
+    m, index = _checked_placement(frames, faces, affines, frame_index)
+    out = frames if inplace else frames.clone()
+    if len(index) == 0:
+        return out
+    height, width = frames.shape[-2:]
+    linear_inv = np.linalg.inv(m[:, :, :2])
+    crop_to_image = np.concatenate([linear_inv, -linear_inv @ m[:, :, 2:]], 2)
+    rois = _footprints(crop_to_image, faces.shape[-1], height, width)
+    scales = np.sqrt(np.abs(np.linalg.det(linear_inv)))  # image px per crop px
+    tiles: dict[int, _Tile] = {}
+    source = faces.float()
+    for (rim, width_f, _), members in _mask_groups(rois, scales, faces.shape[-1], feather).items():
+        tiles.update(_render_group(source, m, rois, members, rim, width_f, (height, width), len(index)))
+    _blend_tiles(out, tiles, index)
+    return out
+
+
+#: one face ready to blend: its warped pixels ``(C, h, w)``, mask ``(1, h, w)`` and tile origin ``x0, y0``
+_Tile = tuple[torch.Tensor, torch.Tensor, int, int]
+
+
+def _checked_placement(
+    frames: torch.Tensor, faces: torch.Tensor, affines: torch.Tensor | np.ndarray, frame_index
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(affines (F, 2, 3) float64, frame_index (F,) int64)`` after checking shapes and ranges."""
     if frames.ndim != 4 or faces.ndim != 4 or faces.shape[1] != frames.shape[1] or faces.shape[2] != faces.shape[3]:
         raise ValueError(f"need frames (N,C,H,W) and faces (F,C,S,S), got {tuple(frames.shape)}, {tuple(faces.shape)}")
     m = _as_affines(affines)
@@ -243,18 +265,15 @@ def paste_faces(
         raise ValueError(f"got {faces.shape[0]} faces, {len(m)} affines and {len(index)} frame indices")
     if len(index) and (index.min() < 0 or index.max() >= frames.shape[0]):
         raise ValueError(f"frame_index out of range for {frames.shape[0]} frames")
-    out = frames if inplace else frames.clone()
-    if len(index) == 0:
-        return out
-    height, width = frames.shape[-2:]
-    face_size = faces.shape[-1]
-    device = frames.device
-    linear_inv = np.linalg.inv(m[:, :, :2])
-    crop_to_image = np.concatenate([linear_inv, -linear_inv @ m[:, :, 2:]], 2)
-    rois = _footprints(crop_to_image, face_size, height, width)
-    sizes = rois[:, 2:] - rois[:, :2]  # (w, h)
-    scales = np.sqrt(np.abs(np.linalg.det(linear_inv)))  # image px per crop px
+    return m, index
 
+
+def _mask_groups(
+    rois: np.ndarray, scales: np.ndarray, face_size: int, feather: int | None
+) -> dict[tuple[int, int, int], list[int]]:
+    """Faces that share a tile: same rim and feather widths and footprint size within a factor of
+    sqrt 2 -> ``{(rim, feather, size class): [face indices]}``; faces entirely outside are left out."""
+    sizes = rois[:, 2:] - rois[:, :2]  # (w, h)
     groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for i in np.nonzero((sizes > 0).all(1))[0]:
         rim = max(2, int(round(2 * scales[i])))
@@ -262,30 +281,38 @@ def paste_faces(
         # faces of very different sizes would waste most of a shared tile
         size_class = int(np.ceil(2 * np.log2(sizes[i].max())))
         groups[(rim, width_f, size_class)].append(int(i))
+    return groups
 
-    tiles: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-    source = faces.float()
-    for (rim, width_f, _), members in groups.items():
-        tile_w, tile_h = (int(t) for t in sizes[members].max(0))
-        # tiles keep their face's footprint and stay inside the frame, so a footprint cut by the frame
-        # edge has its tile border on that edge too (the erosion and blur borders then match cv2's)
-        origins = np.stack([np.minimum(rois[members, 0], width - tile_w),
-                            np.minimum(rois[members, 1], height - tile_h)], 1)
-        origins = origins.astype(np.float64)
-        grid = _sampling_grid(m[members], origins, tile_h, tile_w, face_size, face_size, device)
-        picked = source if members == list(range(len(index))) else source.index_select(
-            0, torch.as_tensor(members, device=device))
-        warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        mask = _square_coverage(*_lattice_map(m[members], origins, tile_h, tile_w, device), face_size).unsqueeze(1)
-        # eroding by the rim's square then the feather's equals one erosion by their Minkowski sum
-        # (a square of side rim + 2 * feather, centres adding up to its centre)
-        mask = _erode(mask, rim + 2 * width_f if width_f > 0 else rim)
-        if width_f > 0:
-            mask = _blur(mask, 4 * width_f + 1)
-        mask = mask.clamp_(0.0, 1.0)
-        for j, i in enumerate(members):
-            tiles[i] = (warped[j], mask[j], int(origins[j, 0]), int(origins[j, 1]))
 
+def _render_group(
+    source: torch.Tensor, m: np.ndarray, rois: np.ndarray, members: list[int], rim: int, width_f: int,
+    frame_size: tuple[int, int], count: int,
+) -> dict[int, _Tile]:
+    """One tile per face of a group: one ``grid_sample``, one closed-form mask, one erosion, one blur."""
+    height, width = frame_size
+    face_size, device = source.shape[-1], source.device
+    tile_w, tile_h = (int(t) for t in (rois[members, 2:] - rois[members, :2]).max(0))
+    # tiles keep their face's footprint and stay inside the frame, so a footprint cut by the frame
+    # edge has its tile border on that edge too (the erosion and blur borders then match cv2's)
+    origins = np.stack([np.minimum(rois[members, 0], width - tile_w),
+                        np.minimum(rois[members, 1], height - tile_h)], 1).astype(np.float64)
+    grid = _sampling_grid(m[members], origins, tile_h, tile_w, face_size, face_size, device)
+    picked = source if members == list(range(count)) else source.index_select(
+        0, torch.as_tensor(members, device=device))
+    warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    mask = _square_coverage(*_lattice_map(m[members], origins, tile_h, tile_w, device), face_size).unsqueeze(1)
+    # eroding by the rim's square then the feather's equals one erosion by their Minkowski sum
+    # (a square of side rim + 2 * feather, centres adding up to its centre)
+    mask = _erode(mask, rim + 2 * width_f if width_f > 0 else rim)
+    if width_f > 0:
+        mask = _blur(mask, 4 * width_f + 1)
+    mask = mask.clamp_(0.0, 1.0)
+    return {i: (warped[j], mask[j], int(origins[j, 0]), int(origins[j, 1])) for j, i in enumerate(members)}
+
+
+def _blend_tiles(out: torch.Tensor, tiles: dict[int, _Tile], index: np.ndarray) -> None:
+    """Blend the tiles into ``out`` in face order (later faces over earlier ones); uint8 frames get
+    each blended face rounded, as the single-face path does."""
     rounded = not out.dtype.is_floating_point
     for i in sorted(tiles):
         warped, mask, x0, y0 = tiles[i]
@@ -294,4 +321,3 @@ def paste_faces(
             region.copy_(region.float().lerp_(warped, mask).round_().clamp_(0, 255))
         else:
             region.lerp_(warped.to(region.dtype), mask.to(region.dtype))
-    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from deploy_media import placed_landmarks, textured_image
 
-from codeformer_lightning.deploy.batched import _blur, _erode, gaussian_kernel, paste_faces, warp_faces
+from codeformer_lightning.deploy.batched import _blur, _erode, paste_faces, warp_faces
 from codeformer_lightning.inference.align import estimate_alignment, warp_face
 from codeformer_lightning.inference.paste import paste_back
 
@@ -88,7 +88,33 @@ def test_mask_blur_equals_cv2_gaussian_blur():
     for ksize in (1, 5, 9, 21, 33):
         ours = _blur(torch.from_numpy(image)[None, None], ksize)[0, 0].numpy()
         np.testing.assert_allclose(ours, cv2.GaussianBlur(image, (ksize, ksize), 0), atol=1e-5)
-    assert gaussian_kernel(9).sum().item() == pytest.approx(1.0)
+    # an image smaller than the kernel: reflect-101 padding wraps more than once
+    small = rng.random((6, 7)).astype(np.float32)
+    np.testing.assert_allclose(_blur(torch.from_numpy(small)[None, None], 21)[0, 0].numpy(),
+                               cv2.GaussianBlur(small, (21, 21), 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("ksize", [5, 9, 13, 21, 41, 129])  # feather widths 1..32 px: ksize = 4 w + 1
+def test_mask_blur_kernel_is_cv2s_gaussian(ksize):
+    """The impulse response far from the borders is the outer product of cv2.getGaussianKernel's taps
+    (block boundaries of the banded product included: 129 > one 64-row block). Those taps, computed
+    independently: the binomial row for ksize 5 (cv2's fixed small table), else the Gaussian of cv2's
+    documented sigma = 0.3 ((ksize - 1) / 2 - 1) + 0.8 (ksize 9 rounded to cv2's fixed point)."""
+    size = 2 * ksize + 70
+    impulse = torch.zeros(1, 1, size, size)
+    impulse[0, 0, size // 2, size // 2] = 1.0
+    response = _blur(impulse, ksize)[0, 0].numpy()
+    taps = cv2.getGaussianKernel(ksize, 0).ravel()
+    half = ksize // 2
+    window = response[size // 2 - half : size // 2 + half + 1, size // 2 - half : size // 2 + half + 1]
+    np.testing.assert_allclose(window, np.outer(taps, taps), atol=1e-7)
+    assert abs(response.sum() - 1.0) < 1e-5 and np.count_nonzero(response > 1e-12) == ksize * ksize
+    if ksize == 5:
+        np.testing.assert_array_equal(taps, np.array([1, 4, 6, 4, 1]) / 16)
+        return
+    sigma = 0.3 * ((ksize - 1) / 2 - 1) + 0.8
+    gauss = np.exp(-((np.arange(ksize) - half) ** 2) / (2 * sigma**2))
+    np.testing.assert_allclose(taps, gauss / gauss.sum(), atol=2.1e-3 if ksize == 9 else 1e-12)
 
 
 def test_erosion_equals_cv2_erode():
