@@ -83,7 +83,8 @@ def test_tiny_autoencoder_matches_reference(tiny_ae_config):
         ref_img, ref_loss, ref_idx = ref(x)
         img, q = ours(x)
     assert torch.equal(q.indices.flatten(), ref_idx.flatten())
-    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=0)
+    # unclamped outputs up to ~4 after ~20 layers: float32 rounding alone reaches ~1e-5 here
+    torch.testing.assert_close(img, ref_img, atol=1e-4, rtol=0)
     torch.testing.assert_close(q.loss, ref_loss)
 
 

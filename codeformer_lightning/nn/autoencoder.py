@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from . import fused
 from .blocks import AttnBlock, Downsample, ResBlock, Upsample, group_norm
 from .quantizer import QuantizerOutput, VectorQuantizer
 
@@ -85,7 +86,8 @@ class Encoder(nn.Module):
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Returns the latent and ``{resolution: (B, C_r, r, r)}`` for the requested resolutions."""
         feats: dict[int, torch.Tensor] = {}
-        x = self.conv_in(x)
+        fast = fused.fast_cpu_inference(x)
+        x = fused.conv(self.conv_in, fused.channels_last(x)) if fast else self.conv_in(x)
         for res, level in zip(self.resolutions, self.levels):
             for i, block in enumerate(level.res):
                 x = block(x)
@@ -97,6 +99,8 @@ class Encoder(nn.Module):
                 x = level.resample(x)
         x = self.mid_res2(self.mid_attn(self.mid_res1(x)))
         # Published: no activation between the last norm and conv.
+        if fast:  # the latent in the usual layout; the features stay channels_last for the fusion
+            return fused.conv(self.conv_out, self.norm_out(x)).contiguous(), feats
         return self.conv_out(self.norm_out(x)), feats
 
     def flat_modules(self) -> list[nn.Module]:
@@ -149,7 +153,9 @@ class Generator(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor, fuse: FuseHook | None = None) -> torch.Tensor:
-        x = self.mid_res2(self.mid_attn(self.mid_res1(self.conv_in(z))))
+        fast = fused.fast_cpu_inference(z)
+        x = fused.conv(self.conv_in, fused.channels_last(z)) if fast else self.conv_in(z)
+        x = self.mid_res2(self.mid_attn(self.mid_res1(x)))
         for res, level, fuse_at in zip(self.resolutions, self.levels, self.fuse_after):
             for i, block in enumerate(level.res):
                 x = block(x)
@@ -159,6 +165,8 @@ class Generator(nn.Module):
                     x = level.attn[i](x)
             if level.resample is not None:
                 x = level.resample(x)
+        if fast:  # the image in the usual layout
+            return fused.conv(self.conv_out, self.norm_out(x)).contiguous()
         return self.conv_out(self.norm_out(x))
 
     @property

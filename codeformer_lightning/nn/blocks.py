@@ -2,6 +2,9 @@
 
 Attribute names (``norm1``, ``conv1``, ``q``, ``proj_out``, ...) follow the published weight layout so
 that converting a published file only has to rename the *prefix* of each key.
+
+Each block has a plain ``forward`` (training, GPU, export) and, on CPU without autograd, a fused
+oneDNN path with the same result (see :mod:`codeformer_lightning.nn.fused`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from . import fused
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -36,10 +41,19 @@ class ResBlock(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fast_cpu_inference(x):
+            return self._fused_forward(x)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.conv_out is None else self.conv_out(x)
         return skip + h
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fused.channels_last(x)
+        h = fused.conv(self.conv1, fused.group_norm_silu(self.norm1, x))
+        h = fused.group_norm_silu(self.norm2, h)
+        skip = x if self.conv_out is None else fused.conv(self.conv_out, x)
+        return fused.conv(self.conv2, h, add=skip)
 
 
 class AttnBlock(nn.Module):
@@ -54,12 +68,18 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = fused.fast_cpu_inference(x)
+        if fast:
+            x = fused.channels_last(x)
         _, _, h, w = x.shape
         z = self.norm(x)
-        q, k, v = (rearrange(proj(z), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        projs = (self.q, self.k, self.v)
+        q, k, v = (rearrange(fused.conv(p, z) if fast else p(z), "b c h w -> b 1 (h w) c") for p in projs)
         # SDPA's default scale is 1/sqrt(C): the published c**-0.5.
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
+        if fast:  # the attention output is (B, HW, C) in memory: already channels_last
+            return fused.conv(self.proj_out, out, add=x)
         return x + self.proj_out(out)
 
 
@@ -71,6 +91,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fast_cpu_inference(x):
+            return fused.conv(self.conv, F.pad(fused.channels_last(x), (0, 1, 0, 1)))
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
@@ -82,4 +104,6 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fast_cpu_inference(x):
+            return fused.upsample_conv(self.conv, fused.channels_last(x))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from . import fused
 from .autoencoder import VQAutoEncoder
 from .blocks import ResBlock
 from .transformer import TransformerLayer
@@ -52,8 +53,20 @@ class FusionBlock(nn.Module):
 
     def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
         """``enc``, ``dec`` ``(B, C, r, r)``; ``w`` a float or ``(B, 1, 1, 1)`` tensor."""
+        if fused.fast_cpu_inference(dec):
+            return self._fused_forward(fused.channels_last(enc), fused.channels_last(dec), w)
         h = self.encode_enc(torch.cat([enc, dec], dim=1))
         return dec + w * (dec * self.scale(h) + self.shift(h))
+
+    def _fused_forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+        h = self.encode_enc(torch.cat([enc, dec], dim=1))
+        slope = self.scale[1].negative_slope
+        # dec * scale and (dec * scale) + shift as post-ops of the second convolutions
+        dec_scale = fused.conv(self.scale[2], fused.conv(self.scale[0], h, leaky_relu=slope), mul=dec)
+        modulation = fused.conv(self.shift[2], fused.conv(self.shift[0], h, leaky_relu=slope), add=dec_scale)
+        if isinstance(w, torch.Tensor):
+            return torch.addcmul(dec, modulation, w)
+        return torch.add(dec, modulation, alpha=w)
 
 
 @dataclass
