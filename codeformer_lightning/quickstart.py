@@ -3,8 +3,9 @@
 ``codeformer-train experiment=quickstart`` trains stage I -> II -> III at 32 px on CPU in minutes,
 with no download and no data of the user's: :func:`build_face_folder` writes an aligned-face folder
 from scikit-image's bundled images (the 100 face crops of its LFW subset and the astronaut's face),
-and :func:`evaluate` restores held-out degraded faces at several fidelity weights ``w`` and writes
-``grid.png`` and ``metrics.csv`` / ``metrics.md`` (PSNR / SSIM per ``w``).
+and :func:`evaluate` restores held-out degraded faces at several fidelity values ``w`` and writes
+``grid.png`` and ``metrics.csv`` / ``metrics.md`` (PSNR / SSIM per ``w``: per-image means computed by
+:mod:`codeformer_lightning.evaluation`, the numbers ``codeformer-evaluate`` gives for the same images).
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def face_folder(root: str | os.PathLike, split: str = "train", size: int = 32, n
     return str(build_face_folder(root, size=size, num_val=num_val, seed=seed) / split)
 
 
+def _as_8bit(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [-1, 1] -> [0, 1] rounded to 8-bit levels (the PNG a user would save)."""
+    return ((images + 1) * 127.5).round() / 255.0
+
+
 @torch.no_grad()
 def evaluate(
     weights: str | os.PathLike,
@@ -111,12 +117,12 @@ def evaluate(
         upscale: nearest-neighbour zoom of the grid (tiny faces are hard to see otherwise).
 
     Grid rows are faces; columns: degraded input, one restoration per ``w``, ground truth. Returns
-    ``{"eval/psnr_input": ..., "eval/psnr_w0.5": ..., "eval/ssim_w0.5": ..., ...}`` (PSNR in dB, SSIM in
-    [0,1], over [0,1] images; ``input`` is the degraded face itself).
+    ``{"eval/psnr_input": ..., "eval/psnr_w0.5": ..., "eval/ssim_w0.5": ..., ...}``: means over the
+    held-out faces of the per-image PSNR (dB) and SSIM of :mod:`codeformer_lightning.evaluation`, on
+    the 8-bit images a user would save (``input`` is the degraded face itself).
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
     from .checkpoints import load_pretrained
+    from .evaluation.metrics import psnr, ssim
     from .nn import CodeFormer
     from .training import image_grid
 
@@ -132,15 +138,14 @@ def evaluate(
             columns[f"w{w:g}"].append(model(lq, w=float(w), adain=adain).float())
         columns["gt"].append(gt)
     images = {name: torch.cat(parts).clamp(-1, 1) for name, parts in columns.items()}
-    gt01 = (images["gt"] + 1) / 2
+    gt01 = _as_8bit(images["gt"])
     metrics: dict[str, float] = {}
     rows = []
     for name in ["input", *(f"w{w:g}" for w in fidelities)]:
-        pred01 = (images[name] + 1) / 2
-        psnr = float(peak_signal_noise_ratio(pred01, gt01, data_range=1.0))
-        ssim = float(structural_similarity_index_measure(pred01, gt01, data_range=1.0))
-        metrics[f"eval/psnr_{name}"], metrics[f"eval/ssim_{name}"] = psnr, ssim
-        rows.append((name, psnr, ssim))
+        pred01 = _as_8bit(images[name])
+        mean_psnr, mean_ssim = float(psnr(pred01, gt01).mean()), float(ssim(pred01, gt01).mean())
+        metrics[f"eval/psnr_{name}"], metrics[f"eval/ssim_{name}"] = mean_psnr, mean_ssim
+        rows.append((name, mean_psnr, mean_ssim))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

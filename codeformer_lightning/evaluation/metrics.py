@@ -10,7 +10,7 @@ A metric whose weights (or optional package) are missing is *unavailable*: it is
 numbers and reported with a message naming the file or flag it needs; the other metrics run on.
 
 Library entry points: :func:`evaluate_folders` (paired folders) and :func:`evaluate_model`
-(restore a folder of LQ faces at several fidelity weights ``w`` and evaluate each).
+(restore a folder of LQ faces at several fidelity values ``w`` and evaluate each).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .images import load_image, pair_folders, resize_to, to_uint8
 
 #: Every metric this module knows, in table order. Lower is better for lpips, fid, landmarks.
 ALL_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "fid", "identity", "landmarks")
-#: Metrics that need no weight file (MTCNN's weights ship with the detector package).
+#: Metrics computed when none are named: all of them. LPIPS, FID and identity need weight files; without
+#: them they are reported as unavailable (with what to provide) and the others are computed.
 DEFAULT_METRICS: tuple[str, ...] = ALL_METRICS
 #: PSNR of identical images is infinite; it is reported as this many dB instead (JSON has no inf).
 #: 100 dB is an MSE of 1e-10 on [0, 1] images: far above any real restoration.
@@ -66,8 +67,8 @@ def rgb_to_y(images: torch.Tensor) -> torch.Tensor:
 
     The Y of YCbCr used by MATLAB's ``rgb2ycbcr`` and BasicSR's ``test_y_channel`` option.
     """
-    weights = images.new_tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)
-    return ((images * weights).sum(1, keepdim=True) + 16.0) / 255.0
+    coefficients = images.new_tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)
+    return ((images * coefficients).sum(1, keepdim=True) + 16.0) / 255.0
 
 
 def psnr(restored: torch.Tensor, gt: torch.Tensor, y_channel: bool = False) -> torch.Tensor:

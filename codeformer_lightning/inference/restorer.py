@@ -24,7 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class RestoreResult:
     """What :meth:`FaceRestorer.restore` produced for one image.
 
-    ``ws``: the fidelity weights, in the order asked. ``aligned``: the input was an aligned face.
+    ``ws``: the fidelity values w, in the order asked. ``aligned``: the input was an aligned face.
     ``faces``: detections in the input image's pixels (empty for aligned input). ``affines``: ``(2, 3)`` input image -> aligned crop.
     ``cropped_faces``: aligned input crops ``(S, S, 3)`` uint8 RGB. ``restored_faces[w]``: restored
     crops per weight. ``images[w]``: the whole photo with faces pasted back, ``(H*u, W*u, 3)``
@@ -47,13 +47,13 @@ class RestoreResult:
         return self.images[self.ws[0]]
 
 
-def _as_weights(w: float | Sequence[float]) -> list[float]:
+def _as_fidelities(w: float | Sequence[float]) -> list[float]:
     ws = [float(w)] if np.ndim(w) == 0 else [float(v) for v in np.ravel(w)]
     if not ws:
         raise ValueError("at least one fidelity weight w is needed")
     bad = [v for v in ws if not 0.0 <= v <= 1.0]
     if bad:
-        raise ValueError(f"fidelity weights must lie in [0, 1], got {bad}")
+        raise ValueError(f"fidelity values w must lie in [0, 1], got {bad}")
     return list(dict.fromkeys(ws))  # unique, order kept
 
 
@@ -219,7 +219,7 @@ class FaceRestorer:
         :meth:`complete` while keeping only a few images in memory.
         """
         _check_rgb(image)
-        result = RestoreResult(ws=_as_weights(w), aligned=aligned)
+        result = RestoreResult(ws=_as_fidelities(w), aligned=aligned)
         if aligned:
             height, width = image.shape[:2]
             if height != width:
@@ -247,9 +247,9 @@ class FaceRestorer:
         into their ``images`` (upscaled); fills ``restored_faces`` and ``images`` in place."""
         if len(images) != len(prepared):
             raise ValueError(f"got {len(images)} images for {len(prepared)} prepared results")
-        weights = list(dict.fromkeys(v for r in prepared for v in r.ws))
+        fidelities = list(dict.fromkeys(v for r in prepared for v in r.ws))
         crops = [c for r in prepared for c in r.cropped_faces]
-        restored = self.restore_faces(crops, weights) if crops else {v: [] for v in weights}
+        restored = self.restore_faces(crops, fidelities) if crops else {v: [] for v in fidelities}
         start = 0
         for image, result in zip(images, prepared):
             count = len(result.cropped_faces)
@@ -274,7 +274,7 @@ class FaceRestorer:
         return self.complete(images, [self.prepare(image, w, aligned) for image in images])
 
     def restore(self, image: np.ndarray, w: float | Sequence[float] = 0.5, aligned: bool = False) -> RestoreResult:
-        """Restore one ``(H, W, 3)`` uint8 RGB image for one or several fidelity weights ``w`` in [0, 1].
+        """Restore one ``(H, W, 3)`` uint8 RGB image for one or several fidelity values ``w`` in [0, 1].
 
         ``aligned=True``: ``image`` is already an FFHQ-aligned face (resized to ``face_size`` if
         needed); no detection, no paste-back.
