@@ -23,16 +23,38 @@ def _similarity(angle: float, scale: float, tx: float, ty: float) -> np.ndarray:
     return np.array([[c, -s, tx], [s, c, ty]])
 
 
-def test_template_values_and_scaling():
+# The published CodeFormer's 5-point FFHQ template at 512 px (facexlib's; sczhou/CodeFormer
+# facelib/utils/face_restoration_helper.py) and its 3-point variant (eyes, mouth centre, whole pixels).
+PUBLISHED_TEMPLATE_512 = [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                          [201.26117, 371.41043], [313.08905, 371.15118]]
+PUBLISHED_TEMPLATE_3_POINTS = [[192, 240], [319, 240], [257, 371]]
+
+
+def test_template_equals_the_published_one_at_every_size():
     assert FFHQ_TEMPLATE_512.shape == (5, 2) and FFHQ_TEMPLATE_512.dtype == np.float32
-    # eyes level and symmetric about the nose, mouth below the eyes
-    left_eye, right_eye, nose, mouth_l, mouth_r = FFHQ_TEMPLATE_512
-    assert left_eye[0] < nose[0] < right_eye[0] and abs(left_eye[1] - right_eye[1]) < 1
-    assert mouth_l[1] > nose[1] > left_eye[1]
-    np.testing.assert_allclose(face_template(32), FFHQ_TEMPLATE_512 / 16, rtol=1e-6)
-    np.testing.assert_allclose(face_template(512), FFHQ_TEMPLATE_512)
+    for size in (512, 32, 100):
+        np.testing.assert_allclose(face_template(size), np.array(PUBLISHED_TEMPLATE_512) * size / 512, rtol=1e-6)
+    # the published 3-point template is the same face: eyes and mouth centre within a pixel
+    three = np.stack([FFHQ_TEMPLATE_512[0], FFHQ_TEMPLATE_512[1], FFHQ_TEMPLATE_512[3:].mean(0)])
+    assert np.abs(three - np.array(PUBLISHED_TEMPLATE_3_POINTS)).max() < 1.0
     with pytest.raises(ValueError):
         face_template(0)
+
+
+def test_template_fills_the_crop_by_the_ffhq_alignment_rule():
+    """FFHQ's own crop rule (NVlabs ffhq-dataset: an oriented square centred 0.1 of the way from the eyes
+    to the mouth, half-side max(2 x eye distance, 1.8 x eye-to-mouth distance)) applied to the template's
+    landmarks gives back, up to the template's averaging, the 512 px square it lives in: upright,
+    centred, of side 512."""
+    left_eye, right_eye, _, mouth_l, mouth_r = np.array(PUBLISHED_TEMPLATE_512)
+    eye_avg, mouth_avg = (left_eye + right_eye) / 2, (mouth_l + mouth_r) / 2
+    eye_to_eye, eye_to_mouth = right_eye - left_eye, mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x = x / np.hypot(*x) * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    centre, side = eye_avg + 0.1 * eye_to_mouth, 2 * np.hypot(*x)
+    assert np.abs(centre - 256).max() < 4  # measured (0.1, 2.8) px off
+    assert abs(side / 512 - 1) < 0.02  # measured 503.7 px
+    assert abs(np.degrees(np.arctan2(x[1], x[0]))) < 0.5  # upright: measured -0.2 degrees
 
 
 @pytest.mark.parametrize("face_size", [512, 32, 100])
