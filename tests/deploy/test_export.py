@@ -95,6 +95,14 @@ def test_fp16_onnx_has_fp16_weights_and_fp32_io(tiny_model, tmp_path):
     assert np.abs(restored - ref.numpy()).max() < 2e-2
 
 
+def _plain_eager(model, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager reference on the plain torch ops the exported graphs hold: with autograd on, the
+    blocks skip their fused CPU inference path (which agrees only to float rounding, ~1e-5)."""
+    with torch.enable_grad():
+        image, indices = ex.ExportableCodeFormer(model)(x, w)
+    return image.detach(), indices
+
+
 def test_torchscript_round_trip_dynamic_batch(tiny_model, tmp_path):
     path = ex.export_torchscript(tiny_model, tmp_path / "tiny.pt")
     module = ex.load_torchscript(path)
@@ -102,7 +110,7 @@ def test_torchscript_round_trip_dynamic_batch(tiny_model, tmp_path):
     w = torch.tensor([0.0, 0.5, 1.0])
     with torch.no_grad():
         image, indices = module(x, w)
-        ref_image, ref_indices = ex.ExportableCodeFormer(tiny_model)(x, w)
+    ref_image, ref_indices = _plain_eager(tiny_model, x, w)
     assert (image - ref_image).abs().max() < 1e-5
     assert torch.equal(indices, ref_indices)
 
@@ -111,12 +119,12 @@ def test_torch_export_round_trip_with_scalar_and_vector_w(tiny_model, tmp_path):
     path = ex.export_program(tiny_model, tmp_path / "tiny.pt2")
     module = ex.load_program(path)
     x = _images(3, seed=13)
-    with torch.no_grad():
-        for w in (0.5, torch.tensor(0.0), torch.tensor([0.0, 0.5, 1.0])):
+    for w in (0.5, torch.tensor(0.0), torch.tensor([0.0, 0.5, 1.0])):
+        with torch.no_grad():
             image, indices = module(x, w)
-            ref_image, ref_indices = ex.ExportableCodeFormer(tiny_model)(x, torch.as_tensor(w))
-            assert (image - ref_image).abs().max() < 1e-5
-            assert torch.equal(indices, ref_indices)
+        ref_image, ref_indices = _plain_eager(tiny_model, x, torch.as_tensor(w))
+        assert (image - ref_image).abs().max() < 1e-5
+        assert torch.equal(indices, ref_indices)
 
 
 def test_command_exports_and_checks(tiny_weights, tmp_path, capsys):
