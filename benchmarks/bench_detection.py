@@ -226,12 +226,19 @@ def _other_faces(lfw: np.ndarray) -> list[tuple[np.ndarray, list, list]]:
     return out
 
 
-def run_quality() -> None:
+def run_quality(onet_thresholds: list[float]) -> None:
     torch.set_num_threads(1)
-    before, after = MTCNNDetector(check_landmarks=False), MTCNNDetector()
-    print("\nlandmark check: true positives / labelled faces, false positives (default thresholds)")
+    sets = quality_sets()
+    for onet in onet_thresholds:
+        thresholds = (0.6, 0.7, onet)
+        before, after = MTCNNDetector(check_landmarks=False, thresholds=thresholds), MTCNNDetector(thresholds=thresholds)
+        print(f"\nlandmark check: true positives / labelled faces, false positives (thresholds {thresholds})")
+        quality_table(sets, before, after)
+
+
+def quality_table(sets: dict, before: MTCNNDetector, after: MTCNNDetector) -> None:
     print(f"  {'set':36s} {'images':>6s} {'TP before':>10s} {'TP after':>9s} {'FP before':>10s} {'FP after':>9s}")
-    for name, items in quality_sets().items():
+    for name, items in sets.items():
         totals = np.zeros((2, 3), int)
         for image, faces, ignore in items:
             for row, det in enumerate((before, after)):
@@ -247,11 +254,13 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="only the false-positive part")
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--onet-thresholds", type=float, nargs="+", default=[0.7],
+                        help="O-Net cut-offs to measure the landmark check at (default: the detector's 0.7)")
     args = parser.parse_args()
     if not args.quality:
         run_speed(args.threads, args.repeats)
     if not args.speed:
-        run_quality()
+        run_quality(args.onet_thresholds)
 
 
 if __name__ == "__main__":

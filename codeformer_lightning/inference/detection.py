@@ -486,10 +486,11 @@ class MTCNNDetector:
     published. Changing ``min_face_size`` instead moves every level's scale, and MTCNN's landmarks
     then shift by 1-4 px. ``thresholds``: face-probability cut-offs of the three stages.
     ``max_side``: larger photos are detected on a downscaled copy (see :func:`detect_downscaled`);
-    None disables it. ``check_landmarks``: drop detections whose five landmarks are not laid out
-    like a face's: every detection must fit :data:`PLAUSIBLE_FACE`, and one that O-Net scores
-    below :attr:`sure_score` must also fit :data:`TYPICAL_FACE` (see :func:`face_like_landmarks`).
-    This removes e.g. a hand that O-Net scored as a face.
+    None disables it (face sizes above are in the pixels of the copy searched). ``check_landmarks``:
+    drop detections whose five landmarks are not laid out like a face's: every detection must fit
+    :data:`PLAUSIBLE_FACE`, and one that O-Net scores below :attr:`sure_score` must also fit
+    :data:`TYPICAL_FACE` (see :func:`face_like_landmarks`). This removes e.g. a hand that O-Net
+    scored as a face.
 
     Speed: the pyramid levels are packed into one canvas that P-Net sees in a single call (channels-
     last, its 2x2 pooling as two elementwise maxima), R-Net and O-Net take all crops of an image in
@@ -542,9 +543,9 @@ class MTCNNDetector:
             return [], torch.zeros(0, 0), torch.zeros(4, 0, 0)
         levels, (canvas_h, canvas_w) = _pack_levels(height, width, scales)
         canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
-        for lv in levels:
-            canvas[lv.top:lv.top + lv.height, lv.left:lv.left + lv.width] = cv2.resize(
-                image, (lv.width, lv.height), interpolation=cv2.INTER_AREA)
+        for lv in levels:  # each level resized straight into its place
+            cv2.resize(image, (lv.width, lv.height), dst=canvas[lv.top:lv.top + lv.height, lv.left:lv.left + lv.width],
+                       interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(canvas).to(self.device).permute(2, 0, 1)[None].float()  # channels-last view
         prob, offsets = self.pnet(x, _level_edges(levels))
         return levels, prob[0], offsets[0]
