@@ -129,6 +129,20 @@ def test_packed_weights_follow_weight_updates(tiny_model):
     torch.testing.assert_close(_fused(tiny_model, x), _plain(other, x), atol=5e-5, rtol=0)
 
 
+def test_weights_made_under_inference_mode_are_not_cached(tiny_cf_config):
+    # inference tensors have no version counter: an in-place change could not invalidate a cache
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        model = _perturbed(CodeFormer(**tiny_cf_config))
+        model(x)
+        for p in model.parameters():
+            p.mul_(0.9)
+        out = model(x)
+    reference = _perturbed(CodeFormer(**tiny_cf_config))
+    reference.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(out, _plain(reference, x), atol=5e-5, rtol=0)
+
+
 def test_fused_path_only_where_it_applies(tiny_model):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import fused
 from .blocks import AttnBlock, Downsample, ResBlock, Upsample, group_norm
@@ -19,6 +20,17 @@ from .quantizer import QuantizerOutput, VectorQuantizer
 
 #: ``fuse(resolution, features) -> features``: a hook the generator calls once per level.
 FuseHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _call(enabled: bool, block: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``block(*args)``, as an activation checkpoint when ``enabled`` and autograd records.
+
+    A checkpointed block keeps only its inputs for the backward pass and runs its forward again
+    there (non-reentrant ``torch.utils.checkpoint``): less memory for one more forward.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class _Level(nn.Module):
@@ -49,6 +61,8 @@ class Encoder(nn.Module):
 
     ``L = len(ch_mult)`` levels; level ``i`` works at resolution ``S / 2**i`` with ``nf * ch_mult[i]``
     channels and its feature (for the fusion blocks) is the output of its last ResBlock.
+    ``checkpoint_activations``: run each ResBlock, attention and resampling block as an activation
+    checkpoint in training (less memory, one more forward of those blocks in the backward pass).
     """
 
     def __init__(
@@ -60,8 +74,10 @@ class Encoder(nn.Module):
         attn_resolutions: Sequence[int],
         emb_dim: int,
         norm_groups: int = 32,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         self.conv_in = nn.Conv2d(3, nf, 3, padding=1)
         self.levels = nn.ModuleList()
         self.resolutions: list[int] = []
@@ -88,16 +104,18 @@ class Encoder(nn.Module):
         feats: dict[int, torch.Tensor] = {}
         fast = fused.fast_cpu_inference(x)
         x = fused.conv(self.conv_in, fused.channels_last(x)) if fast else self.conv_in(x)
+        ckpt = self.checkpoint_activations
         for res, level in zip(self.resolutions, self.levels):
             for i, block in enumerate(level.res):
-                x = block(x)
+                x = _call(ckpt, block, x)
                 if i == len(level.res) - 1 and res in feature_resolutions:
                     feats[res] = x
                 if level.attn is not None:
-                    x = level.attn[i](x)
+                    x = _call(ckpt, level.attn[i], x)
             if level.resample is not None:
-                x = level.resample(x)
-        x = self.mid_res2(self.mid_attn(self.mid_res1(x)))
+                x = _call(ckpt, level.resample, x)
+        for block in (self.mid_res1, self.mid_attn, self.mid_res2):
+            x = _call(ckpt, block, x)
         # Published: no activation between the last norm and conv.
         if fast:  # the latent in the usual layout; the features stay channels_last for the fusion
             return fused.conv(self.conv_out, self.norm_out(x)).contiguous(), feats
@@ -117,6 +135,7 @@ class Generator(nn.Module):
     Levels run from the deepest (lowest resolution) to the shallowest. A ``fuse`` hook is applied
     once per level: after the first ResBlock, except at the latent resolution where it follows the
     last ResBlock (before its attention), which is where the published model fuses.
+    ``checkpoint_activations``: as in :class:`Encoder`; the ``fuse`` calls are checkpointed too.
     """
 
     def __init__(
@@ -128,8 +147,10 @@ class Generator(nn.Module):
         attn_resolutions: Sequence[int],
         emb_dim: int,
         norm_groups: int = 32,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         n = len(ch_mult)
         in_ch = nf * ch_mult[-1]
         res = img_size // 2 ** (n - 1)
@@ -155,16 +176,18 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, fuse: FuseHook | None = None) -> torch.Tensor:
         fast = fused.fast_cpu_inference(z)
         x = fused.conv(self.conv_in, fused.channels_last(z)) if fast else self.conv_in(z)
-        x = self.mid_res2(self.mid_attn(self.mid_res1(x)))
+        ckpt = self.checkpoint_activations
+        for block in (self.mid_res1, self.mid_attn, self.mid_res2):
+            x = _call(ckpt, block, x)
         for res, level, fuse_at in zip(self.resolutions, self.levels, self.fuse_after):
             for i, block in enumerate(level.res):
-                x = block(x)
+                x = _call(ckpt, block, x)
                 if fuse is not None and i == fuse_at:
-                    x = fuse(res, x)
+                    x = _call(ckpt, fuse, res, x)
                 if level.attn is not None:
-                    x = level.attn[i](x)
+                    x = _call(ckpt, level.attn[i], x)
             if level.resample is not None:
-                x = level.resample(x)
+                x = _call(ckpt, level.resample, x)
         if fast:  # the image in the usual layout
             return fused.conv(self.conv_out, self.norm_out(x)).contiguous()
         return self.conv_out(self.norm_out(x))
@@ -192,6 +215,8 @@ class VQAutoEncoder(nn.Module):
         codebook_size, emb_dim, beta, l2_normalize: see :class:`VectorQuantizer` (``l2_normalize``:
             cosine codes, an option beyond the published model; off by default).
         norm_groups: GroupNorm groups (32 published; smaller for tiny models).
+        checkpoint_activations: activation checkpointing in the encoder and generator (training
+            memory for compute; see :class:`Encoder`). Not part of the saved architecture config.
     The published model: ``VQAutoEncoder()`` (512 px, nf 64, ch_mult (1,2,2,4,4,8), latent 16x16x256).
     """
 
@@ -207,6 +232,7 @@ class VQAutoEncoder(nn.Module):
         beta: float = 0.25,
         norm_groups: int = 32,
         l2_normalize: bool = False,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
         down = 2 ** (len(ch_mult) - 1)
@@ -222,9 +248,18 @@ class VQAutoEncoder(nn.Module):
         self.img_size = img_size
         self.latent_size = img_size // down
         arch = (img_size, nf, ch_mult, res_blocks, attn_resolutions, emb_dim, norm_groups)
-        self.encoder = Encoder(*arch)
+        self.encoder = Encoder(*arch, checkpoint_activations=checkpoint_activations)
         self.quantize = VectorQuantizer(codebook_size, emb_dim, beta, l2_normalize)
-        self.generator = Generator(*arch)
+        self.generator = Generator(*arch, checkpoint_activations=checkpoint_activations)
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Activation checkpointing in the encoder and generator (settable; training only)."""
+        return self.encoder.checkpoint_activations and self.generator.checkpoint_activations
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        self.encoder.checkpoint_activations = self.generator.checkpoint_activations = bool(enabled)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -96,6 +96,9 @@ class CodeFormer(VQAutoEncoder):
 
     Call ``model(x, w=0.5, adain=True)`` for the restored image clamped to [-1, 1]; ``restore`` for
     all intermediate results; ``predict_codes`` for the code-only path of stage II training.
+    ``checkpoint_activations``: activation checkpointing in the encoder and generator (including the
+    fusion blocks) during training; see :class:`~codeformer_lightning.nn.autoencoder.Encoder`.
+    On CPU without autograd the blocks run a fused oneDNN path (:mod:`codeformer_lightning.nn.fused`).
     """
 
     def __init__(
@@ -116,9 +119,11 @@ class CodeFormer(VQAutoEncoder):
         fusion_resolutions: Sequence[int] = (32, 64, 128, 256),
         dropout: float = 0.0,
         l2_normalize: bool = False,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__(
-            img_size, nf, ch_mult, res_blocks, attn_resolutions, codebook_size, emb_dim, beta, norm_groups, l2_normalize
+            img_size, nf, ch_mult, res_blocks, attn_resolutions, codebook_size, emb_dim, beta, norm_groups, l2_normalize,
+            checkpoint_activations=checkpoint_activations,
         )
         dim_mlp = 2 * dim_embd if dim_mlp is None else dim_mlp
         self.config.update(

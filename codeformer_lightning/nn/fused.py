@@ -60,9 +60,12 @@ def _packed(conv: nn.Conv2d, x: torch.Tensor, kind: str, padding: list[int]):
     """``conv``'s weight in oneDNN's layout (and its bias), computed once per weight version.
 
     ``kind``: ``"plain"`` or ``"upsample"`` (the four phase kernels of :func:`upsample_conv`).
+    Weights created under ``torch.inference_mode`` have no version counter, so an in-place change
+    could not be seen: those are packed afresh on every call (as the plain path does).
     """
-    key = (kind, _validity(conv.weight), _validity(conv.bias))
-    hit = _PACKED.get(conv.weight)
+    cacheable = not (conv.weight.is_inference() or (conv.bias is not None and conv.bias.is_inference()))
+    key = (kind, _validity(conv.weight), _validity(conv.bias)) if cacheable else None
+    hit = _PACKED.get(conv.weight) if cacheable else None
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
     weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
@@ -72,7 +75,8 @@ def _packed(conv: nn.Conv2d, x: torch.Tensor, kind: str, padding: list[int]):
     packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
         weight.contiguous().to_mkldnn(), padding, list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
     )
-    _PACKED[conv.weight] = (key, packed, bias)
+    if cacheable:
+        _PACKED[conv.weight] = (key, packed, bias)
     return packed, bias
 
 
