@@ -16,6 +16,7 @@ from codeformer_lightning.inference.align import estimate_alignment, rescale_aff
 from codeformer_lightning.inference.detection import Detector, Face, MTCNNDetector
 from codeformer_lightning.inference.paste import paste_back
 from codeformer_lightning.nn import CodeFormer
+from codeformer_lightning.nn.fused import retain_freed_cpu_memory
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -110,6 +111,8 @@ class FaceRestorer:
     by ``background_upsampler(image, upscale)`` when given, else bicubic. ``only_center_face``: keep
     the face nearest the image centre. ``draw_box``: draw detections on the outputs. ``adain``:
     the published feature re-normalisation of the looked-up codes.
+    On CPU in fp32 the network runs its fused oneDNN path (:mod:`codeformer_lightning.nn.fused`), and
+    the process keeps freed activation memory in its heap (``retain_freed_cpu_memory``, process-wide).
     """
 
     def __init__(
@@ -147,6 +150,8 @@ class FaceRestorer:
                 f"{model_or_weights if not isinstance(model_or_weights, nn.Module) else 'the model'} holds a "
                 f"{type(model).__name__}, not a CodeFormer restoration network")
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":  # the fused CPU path then reuses its activations' memory (see nn.fused)
+            retain_freed_cpu_memory()
         self.net_size = int(model.config["img_size"])
         self.face_size = int(face_size) if face_size else self.net_size
         self.precision = precision
