@@ -8,8 +8,13 @@ Two formats:
 * **native** ``.safetensors`` files written by :func:`save_weights`: this package's key layout, the
   constructor config in the metadata. No pickle involved.
 
-:func:`load_pretrained` reads either and returns the right module in eval mode;
-:func:`convert_checkpoint` (command ``codeformer-convert``) converts both ways.
+It also reads the **Lightning checkpoints** of the training stages (``<run>/checkpoints/last.ckpt``):
+they record each network's class and constructor config under :data:`LIGHTNING_KEY` (see
+:mod:`codeformer_lightning.models.stage`), and the trained network is the one the stage exports (its
+EMA copy).
+
+:func:`load_pretrained` reads any of them and returns the right module in eval mode;
+:func:`convert_checkpoint` (command ``codeformer-convert``) converts between them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from torch import nn
 from .nn import CodeFormer, PatchDiscriminator, VQAutoEncoder
 
 NATIVE_FORMAT = "codeformer_lightning"
+#: Key of a stage module's Lightning checkpoint that records its networks: ``{"module": class name,
+#: "export": state-dict prefix of the exported network, "networks": {argument: spec or None},
+#: "targets": spec or None}``, a spec being ``{"class": name, "config": constructor kwargs}``.
+LIGHTNING_KEY = "codeformer_lightning"
 #: Extra top-level key in published-layout files we write: the architecture of non-published sizes.
 CONFIG_KEY = "codeformer_lightning_config"
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -105,17 +114,22 @@ def native_to_published(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
 
 
 # ----------------------------------------------------------------------------- reading files
-def _read_published(path: Path, map_location) -> tuple[dict[str, torch.Tensor], str | None, dict | None]:
+def _torch_load(path: Path, map_location) -> Mapping:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; all mean the same to the user
         raise CheckpointError(
             f"{path}: cannot be read as a PyTorch weight file ({type(exc).__name__}: {exc}). Expected a "
-            "published CodeFormer .pth (a dict with 'params_ema', 'params' or 'params_d') or a "
-            ".safetensors file written by codeformer_lightning. Is the file complete (not truncated)?"
+            "published CodeFormer .pth (a dict with 'params_ema', 'params' or 'params_d'), a Lightning "
+            "checkpoint of a codeformer_lightning stage or a .safetensors file written by codeformer_lightning. "
+            "Is the file complete (not truncated)?"
         ) from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of weights")
+    return obj
+
+
+def _read_published(path: Path, obj: Mapping) -> tuple[dict[str, torch.Tensor], str | None, dict | None]:
     config = obj.get(CONFIG_KEY)
     for key in ("params_ema", "params", "params_d"):
         if key in obj and isinstance(obj[key], Mapping):
@@ -126,10 +140,16 @@ def _read_published(path: Path, map_location) -> tuple[dict[str, torch.Tensor], 
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(
-            f"{path}: no tensors found (top-level keys: {sorted(map(str, obj))[:8]}); expected "
-            "'params_ema', 'params', 'params_d' or a bare state dict"
+            f"{path}: no tensors found (top-level keys: {_key_list(obj)}); expected 'params_ema', 'params', "
+            "'params_d', a bare state dict, or a Lightning checkpoint of a codeformer_lightning stage"
         )
     return tensors, source, config
+
+
+def _key_list(obj: Mapping, limit: int = 40) -> str:
+    """Every top-level key (up to ``limit``): the telling one (``state_dict``, ``params``) is never cut."""
+    keys = sorted(map(str, obj))
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _count_indexed(state: Mapping[str, torch.Tensor], pattern: str) -> int:
@@ -163,15 +183,20 @@ def _infer_published(path: Path, state: Mapping[str, torch.Tensor], config: dict
     cfg.setdefault("n_layers", _count_indexed(state, r"ft_layers\.(\d+)\."))
     if "ft_layers.0.linear1.weight" in keys:
         cfg.setdefault("dim_mlp", int(state["ft_layers.0.linear1.weight"].shape[0]))
-    variant = "custom"
-    if cfg.get("img_size", 512) == 512 and cfg["nf"] == 64:
+    return CheckpointInfo(str(path), "CodeFormer", _codeformer_variant(cfg), "published", None, cfg)
+
+
+def _codeformer_variant(cfg: Mapping) -> str:
+    """The published model a CodeFormer config has the shape of, or ``custom``."""
+    if cfg.get("img_size", 512) == 512 and cfg.get("nf") == 64:
+        codebook_size, fusion = cfg.get("codebook_size"), sorted(cfg.get("fusion_resolutions", []))
         if codebook_size == 1024 and fusion == [32, 64, 128, 256]:
-            variant = "restoration"
-        elif codebook_size == 1024 and fusion == [32, 64, 128]:
-            variant = "colorization"
-        elif codebook_size == 512 and fusion == [32, 64, 128]:
-            variant = "inpainting"
-    return CheckpointInfo(str(path), "CodeFormer", variant, "published", None, cfg)
+            return "restoration"
+        if codebook_size == 1024 and fusion == [32, 64, 128]:
+            return "colorization"
+        if codebook_size == 512 and fusion == [32, 64, 128]:
+            return "inpainting"
+    return "custom"
 
 
 def _ae_only(cfg: dict) -> dict:
@@ -203,6 +228,74 @@ def _read_native(path: Path, map_location) -> tuple[dict[str, torch.Tensor], Che
     return state, CheckpointInfo(str(path), meta["class"], variant, "native", None, config)
 
 
+# ----------------------------------------------------------------------------- Lightning checkpoints
+def _plain(config: Mapping) -> dict:
+    # JSON-able types only (lists, not tuples or config containers): torch.load(weights_only=True) reads them
+    return json.loads(json.dumps(dict(config)))
+
+
+def network_spec(class_name: str, config: Mapping) -> dict:
+    """``{"class": class_name, "config": config}`` in plain Python types (what checkpoints record)."""
+    return {"class": class_name, "config": _plain(config)}
+
+
+def describe_network(module: nn.Module | None) -> dict | None:
+    """The spec of ``module`` (a network or loss with a constructor ``config``), None for None."""
+    if module is None:
+        return None
+    if not isinstance(getattr(module, "config", None), Mapping):
+        raise TypeError(f"{type(module).__name__} has no constructor config to record in a checkpoint")
+    return network_spec(type(module).__name__, module.config)
+
+
+def build_network(spec: Mapping, source: str, extra_classes: Mapping[str, type[nn.Module]] | None = None) -> nn.Module:
+    """Build the module a spec describes (random weights); the class is looked up, never imported by name."""
+    classes = {**_MODEL_CLASSES, **(extra_classes or {})}
+    name = spec.get("class") if isinstance(spec, Mapping) else None
+    if name not in classes:
+        raise CheckpointError(f"{source}: unknown network class {name!r}; expected one of {sorted(classes)}")
+    try:
+        return classes[name](**spec.get("config", {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: cannot build {name} from its config {spec.get('config')}: {exc}") from exc
+
+
+def read_lightning_record(checkpoint: Mapping, source: str, expected: str | None = None) -> dict:
+    """The network record (:data:`LIGHTNING_KEY`) of a stage module's Lightning checkpoint.
+
+    ``expected``: the module class the caller rebuilds; a checkpoint of another stage is an error.
+    """
+    record = checkpoint.get(LIGHTNING_KEY)
+    if not isinstance(record, Mapping) or not isinstance(record.get("networks"), Mapping):
+        raise CheckpointError(
+            f"{source}: a Lightning checkpoint without codeformer_lightning's network record ('{LIGHTNING_KEY}'; "
+            f"top-level keys: {_key_list(checkpoint)}): written by another LightningModule, or by a stage module "
+            "of a codeformer_lightning version before the record existed. Build the module with its networks and "
+            "load the weights with XModule.load_from_checkpoint(path, net=..., ...)"
+        )
+    if expected is not None and record.get("module") != expected:
+        raise CheckpointError(
+            f"{source}: a checkpoint of {record.get('module')}, not of {expected}: use "
+            f"{record.get('module')}.load_from_checkpoint, or load_pretrained for the trained network"
+        )
+    return dict(record)
+
+
+def _read_lightning(path: Path, checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The network a stage exports (the EMA copy) from its Lightning checkpoint."""
+    record = read_lightning_record(checkpoint, str(path))
+    spec, prefix = record["networks"].get("net"), str(record.get("export", ""))
+    if not isinstance(spec, Mapping) or spec.get("class") not in _MODEL_CLASSES:
+        raise CheckpointError(f"{path}: the checkpoint records no loadable network (net: {spec!r})")
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"{path}: its state dict holds no '{prefix}*' weights (the network the stage exports)")
+    kind, config = spec["class"], dict(spec.get("config", {}))
+    variant = {"VQAutoEncoder": "autoencoder", "PatchDiscriminator": "discriminator"}.get(kind)
+    info = CheckpointInfo(str(path), kind, variant or _codeformer_variant(config), "native", f"state_dict:{prefix}", config)
+    return state, info
+
+
 def _is_safetensors(path: Path) -> bool:
     if path.suffix == ".safetensors":
         return True
@@ -220,7 +313,10 @@ def _read(path: str | Path, map_location) -> tuple[dict[str, torch.Tensor], Chec
         raise CheckpointError(f"{path}: the file is empty")
     if _is_safetensors(path):
         return _read_native(path, map_location)
-    state, source, config = _read_published(path, map_location)
+    obj = _torch_load(path, map_location)
+    if "state_dict" in obj and "pytorch-lightning_version" in obj:
+        return _read_lightning(path, obj)
+    state, source, config = _read_published(path, obj)
     if any(k.startswith(("encoder.levels.", "encoder.conv_in.")) for k in state):
         raise CheckpointError(
             f"{path}: holds weights in codeformer_lightning's own key layout without an architecture; "
@@ -339,7 +435,8 @@ def save_published(model: nn.Module, path: str | Path, key: str | None = None) -
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Convert between the published ``.pth`` layout and native ``.safetensors`` (by ``dst``'s suffix)."""
+    """Convert a weight file (published ``.pth``, ``.safetensors`` or a stage's Lightning ``.ckpt``: its
+    exported network) to native ``.safetensors`` or the published ``.pth`` layout (by ``dst``'s suffix)."""
     model = load_pretrained(src)
     if Path(dst).suffix == ".safetensors":
         return save_weights(model, dst)
@@ -350,10 +447,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     """``codeformer-convert SRC DST`` or ``codeformer-convert --info FILE``."""
     parser = argparse.ArgumentParser(
         prog="codeformer-convert",
-        description="Convert CodeFormer weights between the published .pth layout and .safetensors, "
-        "or describe a weight file.",
+        description="Convert CodeFormer weights between the published .pth layout and .safetensors, turn a "
+        "training checkpoint (.ckpt: the network the stage exports, EMA weights) into a weight file, or describe "
+        "a weight file.",
     )
-    parser.add_argument("src", help="weight file to read (.pth published layout or .safetensors)")
+    parser.add_argument("src", help="weight file to read (.pth published layout, .safetensors, or a stage's .ckpt)")
     parser.add_argument("dst", nargs="?", help="file to write: .safetensors (native) or .pth (published)")
     parser.add_argument("--info", action="store_true", help="only print what SRC holds")
     args = parser.parse_args(argv)

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from .perceptual import LPIPS, SettingNames
+from .perceptual import BUNDLED_HEADS, LPIPS, SettingNames
+
+
+def _optional_str(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 class VQGANLoss(nn.Module):
@@ -57,6 +61,7 @@ class VQGANLoss(nn.Module):
         self.gan_weight = gan_weight
         self.adaptive_weight = adaptive_weight
         self.adaptive_weight_max = adaptive_weight_max
+        shared = perceptual is not None
         if perceptual is None and perceptual_weight > 0:
             names = SettingNames(
                 weights=f"{hint_prefix}perceptual_weights_path",
@@ -72,6 +77,23 @@ class VQGANLoss(nn.Module):
                 names=names,
             )
         self.perceptual = perceptual if perceptual_weight > 0 else None
+        # the constructor arguments (plain types), so a training checkpoint can rebuild this loss
+        self.config = dict(
+            pixel_weight=pixel_weight, perceptual_weight=perceptual_weight, codebook_weight=codebook_weight,
+            gan_weight=gan_weight, adaptive_weight=adaptive_weight, adaptive_weight_max=adaptive_weight_max,
+            perceptual_weights_path=_optional_str(perceptual_weights_path),
+            perceptual_linear_weights_path=_optional_str(perceptual_linear_weights_path),
+            perceptual_imagenet_prenorm=perceptual_imagenet_prenorm, perceptual_uniform_heads=perceptual_uniform_heads,
+            hint_prefix=hint_prefix,
+        )
+        if shared and self.perceptual is not None:  # an LPIPS built elsewhere: record the files it read
+            heads = self.perceptual.linear_weights_path
+            self.config.update(
+                perceptual_weights_path=str(self.perceptual.weights_path),
+                perceptual_linear_weights_path=None if heads in (None, BUNDLED_HEADS) else str(heads),
+                perceptual_uniform_heads=not self.perceptual.has_linear_heads,
+                perceptual_imagenet_prenorm=self.perceptual.imagenet_prenorm,
+            )
 
     def reconstruction_loss(
         self, real: torch.Tensor, recon: torch.Tensor

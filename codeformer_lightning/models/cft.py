@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +28,7 @@ from .code_predictor import (
 )
 from .latent_codes import CodeTargetEncoder
 from .schedules import DegradationMix, StepTable
+from .stage import StageModule
 from .vqgan import _no_closure, _plain_param_groups
 
 
@@ -41,7 +41,7 @@ def _w_key(w: float) -> str:
     return f"w{w:g}"
 
 
-class CFTModule(pl.LightningModule):
+class CFTModule(StageModule):
     """Stage III: trains the fusion blocks (and, by default, encoder and Transformer) with w > 0.
 
     Each step is a *small*- or *large*-degradation step (``small_degradation_every``):
@@ -96,7 +96,17 @@ class CFTModule(pl.LightningModule):
         val_adain: AdaIN in validation restorations (published inference: on for restoration and
             colorization, off for inpainting).
         grad_clip: max gradient norm for both optimisers (None: off).
+
+    Checkpoints record ``net`` and ``discriminator`` (class and constructor config) and the frozen target encoder:
+    ``CFTModule.load_from_checkpoint(ckpt)`` rebuilds them without reading the weight files again
+    (see :mod:`.stage`).
     """
+
+    network_args = ("net", "discriminator")
+
+    @classmethod
+    def file_free_kwargs(cls, networks: dict) -> dict:
+        return {"init_from": None, "autoencoder": None, "discriminator_from": None}
 
     def __init__(
         self,
@@ -319,6 +329,12 @@ class CFTModule(pl.LightningModule):
         fidelities = self.hparams.val_fidelities if fidelities is None else fidelities
         net = self.ema.module
         return [net.restore(lq, w=float(w), adain=self.hparams.val_adain).image.float().clamp(-1, 1) for w in fidelities]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.save_networks(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restore_networks(checkpoint)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         lq, gt = batch["lq"], batch["gt"].float()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -25,6 +24,7 @@ from ..losses import LPIPS
 from ..nn import CodeFormer, VQAutoEncoder
 from ..training import EMA, log_image_grid
 from .latent_codes import CodeTargetEncoder
+from .stage import StageModule
 from .vqgan import _plain_param_groups
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -137,7 +137,7 @@ def _published_stage2_adam(params: Iterable[nn.Parameter]) -> Optimizer:
     return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.99))
 
 
-class CodePredictorModule(pl.LightningModule):
+class CodePredictorModule(StageModule):
     """Stage II: trains CodeFormer's LQ encoder, Transformer and code head on degraded faces.
 
     Batches: ``{"lq": (B,3,S,S), "gt": (B,3,S,S)}`` in [-1,1], optionally ``"codes"`` ``(B, L)`` long
@@ -164,7 +164,17 @@ class CodePredictorModule(pl.LightningModule):
         perceptual_weights, perceptual_linear_weights: LPIPS weight files; when given, validation
             also logs the LPIPS of the w = 0 restorations.
         val_adain: restore validation images with AdaIN (as published inference does).
+
+    Checkpoints record ``net`` (class and constructor config) and the frozen target encoder:
+    ``CodePredictorModule.load_from_checkpoint(ckpt)`` rebuilds them without reading the weight files again
+    (see :mod:`.stage`).
     """
+
+    network_args = ("net",)
+
+    @classmethod
+    def file_free_kwargs(cls, networks: dict) -> dict:
+        return {"autoencoder": None, "init_from": None}
 
     def __init__(
         self,
@@ -235,6 +245,12 @@ class CodePredictorModule(pl.LightningModule):
         # the EMA of the same step as the weights and a resumed run continues the same average.
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.save_networks(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restore_networks(checkpoint)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         net = self.ema.module

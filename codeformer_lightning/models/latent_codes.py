@@ -48,6 +48,8 @@ class CodeTargetEncoder(nn.Module):
                 "the trained LQ encoder, not the clean-image encoder that defines the target codes"
             )
         self.img_size = autoencoder.img_size
+        # the architecture, so that a training checkpoint can rebuild this encoder without the weight file
+        self.autoencoder_config = dict(autoencoder.config)
         self.encoder = copy.deepcopy(autoencoder.encoder)
         self.quantize = copy.deepcopy(autoencoder.quantize)
         self.requires_grad_(False)

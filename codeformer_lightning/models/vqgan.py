@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +16,7 @@ from ..losses import VQGANLoss
 from ..nn import PatchDiscriminator, VQAutoEncoder
 from ..nn.quantizer import CodebookTrainer, code_statistics
 from ..training import EMA, log_code_histogram, log_image_grid
+from .stage import StageModule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -43,7 +43,7 @@ def _no_closure() -> None:
     return None
 
 
-class VQGANModule(pl.LightningModule):
+class VQGANModule(StageModule):
     """Trains a :class:`VQAutoEncoder` (+ PatchGAN discriminator) on clean faces, manual optimisation.
 
     Each batch (``{"gt": (B,3,S,S) in [-1,1], ...}`` or a bare tensor): encode, quantize, decode,
@@ -78,7 +78,16 @@ class VQGANModule(pl.LightningModule):
     Under DDP with a discriminator use ``strategy="ddp_find_unused_parameters_true"``: each of the
     two backward passes leaves the other network's parameters without gradients. Without a
     discriminator plain DDP works.
+
+    Checkpoints record ``net``, ``discriminator`` and ``loss`` (class and constructor config):
+    ``VQGANModule.load_from_checkpoint(ckpt)`` rebuilds them (see :mod:`.stage`).
     """
+
+    network_args = ("net", "discriminator", "loss")
+
+    @classmethod
+    def file_free_kwargs(cls, networks: dict) -> dict:
+        return {"pretrained": None}
 
     def __init__(
         self,
@@ -248,13 +257,17 @@ class VQGANModule(pl.LightningModule):
         if do_step:
             for sch in self._schedulers():
                 sch.step()
-            if self.hparams.sample_every_n_steps and step % self.hparams.sample_every_n_steps == 0:
+            done = step + 1  # steps completed: the number the metrics and checkpoints of this step carry
+            if self.hparams.sample_every_n_steps and done % self.hparams.sample_every_n_steps == 0:
                 if self.trainer.is_global_zero and self.loggers:
-                    log_image_grid(self.loggers, "train/samples", [x, recon.detach()], step, "input | reconstruction")
+                    log_image_grid(self.loggers, "train/samples", [x, recon.detach()], done, "input | reconstruction")
 
         self.last_logs = logs
         self.log_dict({f"train/{name}": v for name, v in logs.items()}, on_step=True, batch_size=x.shape[0])
         self.log("train/lr", opt_g.optimizer.param_groups[0]["lr"], on_step=True, batch_size=x.shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.save_networks(checkpoint)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.hparams.grad_clip:
@@ -268,6 +281,8 @@ class VQGANModule(pl.LightningModule):
                 "train/epoch_perplexity": perplexity,
                 "train/epoch_code_usage": usage,
                 "train/epoch_dead_codes": (counts == 0).sum().float(),
+                # the loggers' step (see training.numbering): Lightning logs epoch ends at steps - 1
+                "step": float(self.global_step),
             },
             on_epoch=True,
         )

@@ -81,7 +81,8 @@ def test_reconstruction_loss_falls_on_a_fixed_batch_and_usage_is_logged(
     from PIL import Image
 
     grids = sorted((Path(logger.log_dir) / "images").glob("train_samples_step*.png"))
-    assert [g.name for g in grids] == ["train_samples_step0000000.png", "train_samples_step0000100.png"]
+    # named by the steps completed, as the metrics and checkpoints (models/stage.py)
+    assert [g.name for g in grids] == ["train_samples_step0000100.png", "train_samples_step0000200.png"]
     assert Image.open(grids[0]).size == (2 * 32, 4 * 32)  # (input | reconstruction) x 4 samples
 
 
