@@ -10,6 +10,10 @@ Output layout::
     OUTDIR/comparison/<name><suffix>.png             input | one result per w (several -w only)
 
 Inputs are only ever read. Transparent PNG inputs keep their alpha channel in final_results.
+
+The task follows the weights (``--task`` overrides it; see :mod:`codeformer_lightning.inference.tasks`):
+restoration at ``-w`` (default 0.5), colorization at w=0, inpainting at w=1 on ``--aligned`` faces,
+filling only the pure-white pixels or the white pixels of ``--mask FILE|FOLDER`` (matched by name).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from codeformer_lightning.inference.tasks import TASKS, MaskSource, TaskError
 from codeformer_lightning.io import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -96,9 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument("--weights", required=True, type=Path,
                         help="CodeFormer weights: published .pth (e.g. codeformer.pth) or this package's .safetensors")
-    parser.add_argument("-w", "--fidelity", type=_fidelity, nargs="+", default=[0.5],
+    parser.add_argument("-w", "--fidelity", type=_fidelity, nargs="+", default=None,
                         help="fidelity weight(s) in [0, 1]: 0 = best quality, 1 = closest to input; "
-                             "several values also write a comparison grid (default 0.5)")
+                             "several values also write a comparison grid (default: the task's published "
+                             "value: 0.5 for restoration, 0 for colorization, 1 for inpainting)")
+    parser.add_argument("--task", choices=TASKS, default=None,
+                        help="published inference to apply (default: the weights' variant; other weight "
+                             "shapes restore): restoration (-w, AdaIN), colorization (w=0, AdaIN), "
+                             "inpainting (w=1, no AdaIN, only masked pixels change; --aligned faces only)")
+    parser.add_argument("--mask", type=Path, default=None, metavar="FILE|FOLDER",
+                        help="inpainting masks, white = fill: one file for every input, or a folder of "
+                             "masks matched to the inputs by file name (default: the inputs' pure-white "
+                             "pixels, all three channels 255, as published)")
     parser.add_argument("--aligned", action="store_true", help="inputs are already aligned, cropped faces")
     parser.add_argument("--upscale", type=_positive(float), default=1.0, help="output scale of whole photos")
     parser.add_argument("--only-center-face", action="store_true", help="restore only the most central face")
@@ -106,11 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suffix", default="", help="suffix appended to output names")
     parser.add_argument("--detector", choices=("mtcnn", "retinaface"), default="mtcnn")
     parser.add_argument("--detector-weights", type=Path, default=None,
-                        help="MTCNN weight folder (default: facenet-pytorch's) or RetinaFace .pth file")
+                        help="MTCNN: a folder of pnet/rnet/onet .safetensors or .pt files (default: the "
+                             "weights shipped in the package); RetinaFace: its .pth file")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--batch-size", type=_positive(int), default=8, help="faces per network call")
-    parser.add_argument("--no-adain", action="store_true", help="skip the AdaIN re-normalisation of the codes")
+    parser.add_argument("--no-adain", action="store_true",
+                        help="skip the AdaIN re-normalisation of the codes (default: the task's: on for "
+                             "restoration and colorization, off for inpainting)")
     return parser
 
 
@@ -188,26 +205,30 @@ def comparison_grid(left: np.ndarray, results: Sequence[np.ndarray], labels: Seq
     return np.concatenate(out, axis=1)
 
 
-def restore_video(restorer, path: Path, target: Path, w: float, aligned: bool, batch: int) -> tuple[int, int, str]:
+def restore_video(restorer, path: Path, target: Path, w: float, aligned: bool, batch: int,
+                  masks: MaskSource | None = None) -> tuple[int, int, str]:
     """Restore every frame of ``path`` into an H.264 ``target`` at the same frame rate, reading the
     source once (:class:`~codeformer_lightning.io.VideoReader`) and writing with the package's one
     :class:`~codeformer_lightning.io.VideoWriter` (odd sizes padded to even). The first audio track
-    is copied without re-encoding when the output container accepts its codec.
+    is copied without re-encoding when the output container accepts its codec. ``masks``: the
+    inpainting mask of the video (one for every frame).
 
-    Returns ``(frames, faces, note about the audio)``; raises VideoError naming the file.
+    Returns ``(frames, faces, note about the audio)``; raises VideoError naming the file and
+    TaskError for a mask that does not fit.
     """
     faces = 0
     with VideoReader(path) as reader:
+        mask = masks.mask_for(path, (reader.height, reader.width)) if masks is not None else None
         # frame size from the first restored frame: --upscale and --aligned change it
         with VideoWriter(target, reader.rate, audio_template=reader.audio_stream) as writer:
             pending: list[np.ndarray] = []
             for frame in reader.frames(on_audio=writer.copy_audio):
                 pending.append(frame)
                 if len(pending) == batch:
-                    faces += _write_restored(restorer, pending, w, aligned, writer)
+                    faces += _write_restored(restorer, pending, w, aligned, writer, mask)
                     pending = []
             if pending:
-                faces += _write_restored(restorer, pending, w, aligned, writer)
+                faces += _write_restored(restorer, pending, w, aligned, writer, mask)
             if writer.frames == 0:
                 raise VideoError(f"{path}: holds no frames")
         codec = reader.audio_stream.codec_context.name if reader.audio_stream is not None else None
@@ -218,10 +239,11 @@ def restore_video(restorer, path: Path, target: Path, w: float, aligned: bool, b
     return writer.frames, faces, note
 
 
-def _write_restored(restorer, frames: list[np.ndarray], w: float, aligned: bool, writer: VideoWriter) -> int:
+def _write_restored(restorer, frames: list[np.ndarray], w: float, aligned: bool, writer: VideoWriter,
+                    mask: np.ndarray | None = None) -> int:
     """Restore ``frames`` (their faces share the network's batches), encode them; returns the face count."""
     faces = 0
-    for result in restorer.restore_batch(frames, w, aligned):
+    for result in restorer.restore_batch(frames, w, aligned, [mask] * len(frames)):
         writer.write(result.image)
         faces += len(result.cropped_faces)
     return faces
@@ -238,14 +260,38 @@ def _build_restorer(args: argparse.Namespace):
         restorer = FaceRestorer(
             args.weights, detector=args.detector, device=args.device, precision=args.precision,
             batch_size=args.batch_size, upscale=args.upscale, only_center_face=args.only_center_face,
-            draw_box=args.draw_box, adain=not args.no_adain, detector_weights=args.detector_weights,
+            draw_box=args.draw_box, adain=False if args.no_adain else None, detector_weights=args.detector_weights,
+            task=args.task,
         )
-        if not args.aligned:
+        if not args.aligned and restorer.task.whole_photos:
             restorer.detector  # noqa: B018 - fail now, before any file, when the detector cannot load
     except (CheckpointError, DetectorWeightsError, TypeError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None
     return restorer
+
+
+def _task_masks(args: argparse.Namespace, restorer) -> MaskSource | None:
+    """The ``--mask`` source for the restorer's task; raises TaskError with what to change when the
+    task and the arguments do not fit together."""
+    task = restorer.task
+    if args.mask is not None and not task.masked:
+        raise TaskError(f"--mask applies to inpainting; the task is {task.name} "
+                        f"({'--task' if args.task else 'from the weights'}): add --task inpainting for "
+                        "inpainting weights of another shape")
+    if task.masked and not args.aligned:
+        raise TaskError(f"{task.name} works on aligned, cropped faces only, as published: pass --aligned "
+                        "with aligned 512x512 faces whose holes are white (or --mask). Whole photos are not "
+                        "supported: the holes hide the eyes, nose and mouth that face detection needs")
+    return MaskSource(args.mask) if args.mask is not None else None
+
+
+def _print_task(args: argparse.Namespace, restorer) -> None:
+    """Say once which published inference runs and what differs from it."""
+    origin = "--task" if args.task else f"from the weights' variant {getattr(restorer.model, 'variant', None)!r}"
+    print(f"task: {restorer.task.describe()} ({origin})", file=sys.stderr)
+    for note in restorer.task_notes(args.fidelity, args.aligned):
+        print(f"note: {note}", file=sys.stderr)
 
 
 @dataclass
@@ -265,12 +311,14 @@ class RestoreRun:
     through :func:`restore_video`. Problems with one file are recorded in ``summary`` and the run
     goes on."""
 
-    def __init__(self, args: argparse.Namespace, restorer, files: Sequence[Path], summary: Summary) -> None:
+    def __init__(self, args: argparse.Namespace, restorer, files: Sequence[Path], summary: Summary,
+                 masks: MaskSource | None = None) -> None:
         self.args = args
         self.restorer = restorer
         self.summary = summary
+        self.masks = masks
         self.out: Path = args.output
-        self.fidelities = list(dict.fromkeys(args.fidelity))
+        self.fidelities = restorer.fidelities(args.fidelity)
         self.inputs = set(files)
         self.namer = _Namer()
         self.pending: list[_Pending] = []
@@ -291,7 +339,7 @@ class RestoreRun:
             print(f"note: {path}: videos use the first fidelity weight only ({w})", file=sys.stderr)
         try:
             frames, faces, audio_note = restore_video(
-                self.restorer, path, target, w, self.args.aligned, self.args.batch_size
+                self.restorer, path, target, w, self.args.aligned, self.args.batch_size, self.masks
             )
         except (VideoError, ValueError, RuntimeError, OSError) as err:  # report, go on with the rest
             self.summary.skipped.append((str(path), f"cannot process video: {err}"))
@@ -309,7 +357,11 @@ class RestoreRun:
             return
         image = composite_on_white(rgb, alpha)
         try:
-            result = self.restorer.prepare(image, self.fidelities, aligned=self.args.aligned)
+            mask = self.masks.mask_for(path, image.shape) if self.masks is not None else None
+            result = self.restorer.prepare(image, self.fidelities, aligned=self.args.aligned, mask=mask)
+        except TaskError as err:
+            self.summary.skipped.append((str(path), str(err)))
+            return
         except (ValueError, RuntimeError) as err:
             self.summary.skipped.append((str(path), f"face detection failed: {err}"))
             return
@@ -392,7 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     restorer = _build_restorer(args)
     if restorer is None:
         return 2
-    run = RestoreRun(args, restorer, files, summary)
+    try:
+        masks = _task_masks(args, restorer)
+    except TaskError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_task(args, restorer)
+    run = RestoreRun(args, restorer, files, summary, masks)
     for path in tqdm(files, desc="restoring", unit="file", file=sys.stderr, dynamic_ncols=True):
         run.process(path)
     run.flush()

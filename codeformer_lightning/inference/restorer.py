@@ -15,6 +15,18 @@ from torch import nn
 from codeformer_lightning.inference.align import estimate_alignment, rescale_affine, warp_face
 from codeformer_lightning.inference.detection import Detector, Face, MTCNNDetector
 from codeformer_lightning.inference.paste import paste_back
+from codeformer_lightning.inference.tasks import (
+    Task,
+    TaskError,
+    checked_mask,
+    composite,
+    fill_white,
+    override_note,
+    resize_mask,
+    task_of_model,
+    white_mask,
+    whole_photo_note,
+)
 from codeformer_lightning.nn import CodeFormer
 from codeformer_lightning.nn.fused import retain_freed_cpu_memory
 
@@ -30,17 +42,23 @@ class RestoreResult:
     ``cropped_faces``: aligned input crops ``(S, S, 3)`` uint8 RGB. ``restored_faces[w]``: restored
     crops per weight. ``images[w]``: the whole photo with faces pasted back, ``(H*u, W*u, 3)``
     uint8 RGB for upscale ``u`` (for aligned input: the restored face). ``notes``: what a user
-    should know (no face found, image stretched, ...).
+    should know (no face found, image stretched, ...). ``task``: the task run
+    (:mod:`~codeformer_lightning.inference.tasks`); ``masks``: per crop ``(S, S)`` bool, the pixels
+    inpainting fills (inpainting only). ``upscale`` / ``only_center_face``: this image's options.
     """
 
     ws: list[float]
     aligned: bool = False
+    task: str = "restoration"
+    upscale: float = 1.0
+    only_center_face: bool = False
     faces: list[Face] = field(default_factory=list)
     affines: list[np.ndarray] = field(default_factory=list)
     cropped_faces: list[np.ndarray] = field(default_factory=list)
     restored_faces: dict[float, list[np.ndarray]] = field(default_factory=dict)
     images: dict[float, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
 
     @property
     def image(self) -> np.ndarray:
@@ -109,8 +127,11 @@ class FaceRestorer:
     ``face_size``: side of the aligned crops (default: the network's ``img_size``; other sizes are
     resized to it for the network). ``upscale``: integer or float factor of the output photo, made
     by ``background_upsampler(image, upscale)`` when given, else bicubic. ``only_center_face``: keep
-    the face nearest the image centre. ``draw_box``: draw detections on the outputs. ``adain``:
-    the published feature re-normalisation of the looked-up codes.
+    the face nearest the image centre (both also per call of :meth:`prepare`). ``draw_box``: draw
+    detections on the outputs. ``task``: ``"restoration"``, ``"colorization"`` or ``"inpainting"``
+    (default: the weights' variant, ``model.variant``), whose published inference is applied
+    (:mod:`~codeformer_lightning.inference.tasks`): its default ``w``, its AdaIN and, for
+    inpainting, only the masked pixels changed. ``adain``: override the task's AdaIN choice.
     On CPU in fp32 the network runs its fused oneDNN path (:mod:`codeformer_lightning.nn.fused`), and
     the process keeps freed activation memory in its heap (``retain_freed_cpu_memory``, process-wide).
     """
@@ -126,9 +147,10 @@ class FaceRestorer:
         upscale: float = 1,
         only_center_face: bool = False,
         draw_box: bool = False,
-        adain: bool = True,
+        adain: bool | None = None,
         background_upsampler: Callable[[np.ndarray, float], np.ndarray] | None = None,
         detector_weights: str | Path | None = None,
+        task: str | Task | None = None,
     ) -> None:
         self.device = torch.device(device)
         if precision not in PRECISIONS:
@@ -159,7 +181,8 @@ class FaceRestorer:
         self.upscale = upscale
         self.only_center_face = only_center_face
         self.draw_box = draw_box
-        self.adain = adain
+        self.task = task_of_model(model, task)
+        self.adain = self.task.adain if adain is None else bool(adain)
         self.background_upsampler = background_upsampler
         self._detector_spec = detector
         self._detector_weights = detector_weights
@@ -185,56 +208,118 @@ class FaceRestorer:
         return precision_autocast(self.device, self.precision)
 
     @torch.inference_mode()
-    def restore_faces(self, crops: Sequence[np.ndarray], ws: Sequence[float]) -> dict[float, list[np.ndarray]]:
+    def restore_faces(self, crops: Sequence[np.ndarray], ws: Sequence[float],
+                      masks: Sequence[np.ndarray] | None = None) -> dict[float, list[np.ndarray]]:
         """Run aligned crops ``(S, S, 3)`` uint8 RGB through the network, ``batch_size`` at a time.
 
-        Returns, per weight, the restored crops at ``face_size`` in input order.
+        ``masks``: per crop ``(S, S)`` bool, for the masked (inpainting) inference: the masked
+        pixels are painted white for the network and only they take its output; a crop whose mask
+        is empty comes back as it is, without a network call. Returns, per weight, the restored
+        crops at ``face_size`` in input order.
         """
-        out: dict[float, list[np.ndarray]] = {w: [] for w in ws}
-        for start in range(0, len(crops), self.batch_size):
-            chunk = np.stack([_resize(c, self.net_size, self.net_size) for c in crops[start:start + self.batch_size]])
-            x = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            for w in ws:
-                with self._autocast():
-                    y = self.model(x, w=w, adain=self.adain)
-                y = ((y.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                out[w].extend(_resize(face, self.face_size, self.face_size) for face in y)
+        if masks is not None and len(masks) != len(crops):
+            raise ValueError(f"got {len(masks)} masks for {len(crops)} crops")
+        out: dict[float, list[np.ndarray]] = {w: [crop.copy() for crop in crops] for w in ws}
+        todo = [k for k in range(len(crops)) if masks is None or masks[k].any()]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            inputs = [crops[k] if masks is None else fill_white(crops[k], masks[k]) for k in chunk]
+            for w, faces in self._run_network(inputs, ws).items():
+                for k, face in zip(chunk, faces):
+                    out[w][k] = face if masks is None else composite(crops[k], face, masks[k])
         return out
 
-    def _select(self, faces: list[Face], image_shape: tuple[int, ...]) -> list[Face]:
-        return center_face(faces, image_shape) if self.only_center_face else faces
+    def _run_network(self, crops: Sequence[np.ndarray], ws: Sequence[float]) -> dict[float, list[np.ndarray]]:
+        """One network batch: crops ``(S, S, 3)`` uint8 -> per weight, outputs at ``face_size`` (uint8)."""
+        chunk = np.stack([_resize(c, self.net_size, self.net_size) for c in crops])
+        x = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        out: dict[float, list[np.ndarray]] = {}
+        for w in ws:
+            with self._autocast():
+                y = self.model(x, w=w, adain=self.adain)
+            y = ((y.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            out[w] = [_resize(face, self.face_size, self.face_size) for face in y]
+        return out
 
-    def _upscaled(self, image: np.ndarray) -> np.ndarray:
-        if self.upscale == 1:
+    def _upscaled(self, image: np.ndarray, upscale: float) -> np.ndarray:
+        if upscale == 1:
             return image
         height, width = image.shape[:2]
-        size = (max(1, round(width * self.upscale)), max(1, round(height * self.upscale)))
+        size = (max(1, round(width * upscale)), max(1, round(height * upscale)))
         if self.background_upsampler is not None:
-            big = np.asarray(self.background_upsampler(image, self.upscale))
+            big = np.asarray(self.background_upsampler(image, upscale))
             if big.shape[:2] != (size[1], size[0]) or big.dtype != np.uint8:
                 big = cv2.resize(big.astype(np.uint8), size, interpolation=cv2.INTER_CUBIC)
             return big
         return cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
 
+    # ------------------------------------------------------------------ the task
+    def fidelities(self, w: float | Sequence[float] | None = None) -> list[float]:
+        """The fidelity values to run: ``w`` when given, else the task's published ``w``."""
+        return _as_fidelities(self.task.w if w is None else w)
+
+    def task_notes(self, w: float | Sequence[float] | None = None, aligned: bool = False) -> list[str]:
+        """What a user should know once per run about the task and the asked ``w`` (an override of
+        the published settings, what happens to whole photos); a command prints these once."""
+        notes = [override_note(self.task, self.fidelities(w), self.adain)]
+        if not aligned:
+            notes.append(whole_photo_note(self.task))
+        return [note for note in notes if note]
+
+    def _aligned_masks(self, image: np.ndarray, mask: np.ndarray | None, result: RestoreResult) -> None:
+        """Inpainting: the crop's mask (given, or the pure-white pixels) at ``face_size``."""
+        mask = white_mask(image) if mask is None else checked_mask(mask, image.shape)
+        crop_mask = resize_mask(mask, self.face_size)
+        if not crop_mask.any():
+            result.notes.append("nothing to inpaint: no pure-white pixel (all three channels 255) in the "
+                                "face; copied through unchanged (paint the holes white or give a mask)")
+        result.masks.append(crop_mask)
+
     # ------------------------------------------------------------------ whole images
-    def prepare(self, image: np.ndarray, w: float | Sequence[float] = 0.5, aligned: bool = False) -> RestoreResult:
+    def prepare(self, image: np.ndarray, w: float | Sequence[float] | None = None, aligned: bool = False,
+                mask: np.ndarray | None = None, upscale: float | None = None,
+                only_center_face: bool | None = None) -> RestoreResult:
         """First half of :meth:`restore`: detect and align (or take the aligned face); no network yet.
 
         Lets a caller pool the crops of several images into the network's batches with
-        :meth:`complete` while keeping only a few images in memory.
+        :meth:`complete` while keeping only a few images in memory. ``upscale`` and
+        ``only_center_face`` override the restorer's own for this image. Raises
+        :class:`~codeformer_lightning.inference.tasks.TaskError` for input the task cannot take.
         """
         _check_rgb(image)
-        result = RestoreResult(ws=_as_fidelities(w), aligned=aligned)
+        upscale = self.upscale if upscale is None else upscale
+        if upscale <= 0:
+            raise ValueError(f"upscale must be positive, got {upscale}")
+        centre = self.only_center_face if only_center_face is None else bool(only_center_face)
+        result = RestoreResult(ws=self.fidelities(w), aligned=aligned, task=self.task.name, upscale=upscale,
+                               only_center_face=centre)
+        if mask is not None and not self.task.masked:
+            raise TaskError(f"a mask applies to inpainting only; this restorer runs {self.task.name}")
+        if not aligned and not self.task.whole_photos:
+            raise TaskError(f"{self.task.name} works on aligned faces only (as published: 512x512 crops): the "
+                            "holes hide the eyes, nose and mouth that face detection and alignment need. Pass "
+                            "aligned faces with aligned=True (codeformer-restore --aligned)")
         if aligned:
-            height, width = image.shape[:2]
-            if height != width:
-                result.notes.append(f"aligned input is {width}x{height}, not square: stretched to "
-                                    f"{self.face_size}x{self.face_size}")
-            elif height != self.face_size:
-                result.notes.append(f"aligned input resized from {width} to {self.face_size} px")
-            result.cropped_faces.append(_resize(image, self.face_size, self.face_size))
-            return result
-        faces = self._select(self.detector.detect(image), image.shape)
+            self._take_aligned(image, mask, result)
+        else:
+            self._detect_and_align(image, result)
+        return result
+
+    def _take_aligned(self, image: np.ndarray, mask: np.ndarray | None, result: RestoreResult) -> None:
+        """The aligned face is the one crop (resized to ``face_size``), with its mask for inpainting."""
+        height, width = image.shape[:2]
+        if height != width:
+            result.notes.append(f"aligned input is {width}x{height}, not square: stretched to "
+                                f"{self.face_size}x{self.face_size}")
+        elif height != self.face_size:
+            result.notes.append(f"aligned input resized from {width} to {self.face_size} px")
+        result.cropped_faces.append(_resize(image, self.face_size, self.face_size))
+        if self.task.masked:
+            self._aligned_masks(image, mask, result)
+
+    def _detect_and_align(self, image: np.ndarray, result: RestoreResult) -> None:
+        faces = self.detector.detect(image)
+        faces = center_face(faces, image.shape) if result.only_center_face else faces
         if not faces:
             smallest = getattr(self.detector, "min_face_size", None)
             if smallest is not None and min(image.shape[:2]) < smallest:
@@ -245,7 +330,6 @@ class FaceRestorer:
         result.faces = faces
         result.affines = [estimate_alignment(f.landmarks, self.face_size) for f in faces]
         result.cropped_faces = [warp_face(image, m, self.face_size) for m in result.affines]
-        return result
 
     def complete(self, images: Sequence[np.ndarray], prepared: Sequence[RestoreResult]) -> list[RestoreResult]:
         """Second half: restore all crops of ``prepared`` in pooled batches and paste them back
@@ -254,7 +338,8 @@ class FaceRestorer:
             raise ValueError(f"got {len(images)} images for {len(prepared)} prepared results")
         fidelities = list(dict.fromkeys(v for r in prepared for v in r.ws))
         crops = [c for r in prepared for c in r.cropped_faces]
-        restored = self.restore_faces(crops, fidelities) if crops else {v: [] for v in fidelities}
+        masks = [m for r in prepared for m in r.masks] if self.task.masked else None
+        restored = self.restore_faces(crops, fidelities, masks) if crops else {v: [] for v in fidelities}
         start = 0
         for image, result in zip(images, prepared):
             count = len(result.cropped_faces)
@@ -263,7 +348,7 @@ class FaceRestorer:
             if result.aligned:  # the restored face is the result
                 result.images = {v: result.restored_faces[v][0] for v in result.ws}
                 continue
-            background = self._upscaled(image)
+            background = self._upscaled(image, result.upscale)
             factor = background.shape[1] / image.shape[1]
             affines = [rescale_affine(m, factor) for m in result.affines]
             for v in result.ws:
@@ -273,15 +358,22 @@ class FaceRestorer:
                 result.images[v] = pasted
         return list(prepared)
 
-    def restore_batch(self, images: Sequence[np.ndarray], w: float | Sequence[float] = 0.5,
-                      aligned: bool = False) -> list[RestoreResult]:
-        """Restore several images, pooling all their faces into the network's batches."""
-        return self.complete(images, [self.prepare(image, w, aligned) for image in images])
+    def restore_batch(self, images: Sequence[np.ndarray], w: float | Sequence[float] | None = None,
+                      aligned: bool = False, masks: Sequence[np.ndarray | None] | None = None) -> list[RestoreResult]:
+        """Restore several images, pooling all their faces into the network's batches (``masks``:
+        one per image or None, for inpainting)."""
+        masks = [None] * len(images) if masks is None else list(masks)
+        if len(masks) != len(images):
+            raise ValueError(f"got {len(masks)} masks for {len(images)} images")
+        return self.complete(images, [self.prepare(image, w, aligned, mask) for image, mask in zip(images, masks)])
 
-    def restore(self, image: np.ndarray, w: float | Sequence[float] = 0.5, aligned: bool = False) -> RestoreResult:
-        """Restore one ``(H, W, 3)`` uint8 RGB image for one or several fidelity values ``w`` in [0, 1].
+    def restore(self, image: np.ndarray, w: float | Sequence[float] | None = None, aligned: bool = False,
+                mask: np.ndarray | None = None) -> RestoreResult:
+        """Restore one ``(H, W, 3)`` uint8 RGB image for one or several fidelity values ``w`` in [0, 1]
+        (default: the task's, 0.5 for restoration).
 
         ``aligned=True``: ``image`` is already an FFHQ-aligned face (resized to ``face_size`` if
-        needed); no detection, no paste-back.
+        needed); no detection, no paste-back. ``mask``: inpainting only, ``(H, W)`` bool or a
+        picture, white = fill (default: the image's pure-white pixels).
         """
-        return self.restore_batch([image], w, aligned)[0]
+        return self.restore_batch([image], w, aligned, [mask])[0]

@@ -232,9 +232,9 @@ def test_faces_of_several_images_share_network_batches(tmp_path, tiny_weights, m
     calls: list[int] = []
     original = FaceRestorer.restore_faces
 
-    def recording(self, crops, ws):
+    def recording(self, crops, ws, masks=None):
         calls.append(len(crops))
-        return original(self, crops, ws)
+        return original(self, crops, ws, masks)
 
     monkeypatch.setattr(FaceRestorer, "restore_faces", recording)
     rng = np.random.default_rng(0)
