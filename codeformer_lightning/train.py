@@ -5,6 +5,7 @@ is :mod:`codeformer_lightning.commands.train`; with ``pipeline`` set it runs
     codeformer-train experiment=quickstart                      # tiny stages I -> II -> III on CPU
     codeformer-train experiment=vqgan data.train_dir=/data/ffhq_512 trainer=ddp trainer.devices=8
     codeformer-train experiment=vqgan ckpt_path=outputs/vqgan/<run>/checkpoints/last.ckpt   # resume
+    codeformer-train experiment=vqgan ckpt_path=auto hydra.run.dir=outputs/vqgan/run1   # resume if possible
     codeformer-train -m hparams_search=vqgan_optuna experiment=quickstart_vqgan          # Optuna sweep
     codeformer-train --cfg job experiment=cft                   # print the composed config, run nothing
 
@@ -21,10 +22,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from .config_checks import ConfigError, check_config
+from .training.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,17 @@ def log_hyperparameters(cfg: DictConfig, model: pl.LightningModule, trainer: pl.
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one stage as ``cfg`` describes (a composed ``train.yaml``); return the final metrics.
 
-    Order: validate the config, seed, build data, model, callbacks, loggers and trainer, log the
-    hyperparameters, ``fit`` (resuming from ``cfg.ckpt_path`` when set: step count, optimisers,
-    schedulers and EMA come back from the checkpoint), optionally ``test``. All ranks return after a
-    barrier, so files written by rank 0 at the end of training (exported weights) exist everywhere.
+    Order: resolve ``ckpt_path=auto`` / ``auto:<folder>`` (the newest valid checkpoint of this run's
+    folder or of ``<folder>``, see :func:`~codeformer_lightning.training.resume.resolve_ckpt_path`),
+    validate the config, seed, build data, model, callbacks, loggers and trainer, log the
+    hyperparameters, ``fit`` (resuming from ``cfg.ckpt_path`` when set: the run continues exactly
+    where the checkpoint was taken), optionally ``test``. All ranks return after a barrier, so files
+    written by rank 0 at the end of training (exported weights) exist everywhere.
     """
+    resolved = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if resolved != cfg.get("ckpt_path"):
+        with open_dict(cfg):
+            cfg.ckpt_path = resolved  # config.yaml records the checkpoint actually resumed from
     check_config(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)

@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from .datasets import TASKS, FaceDataset, ImageFolderSource
 from .degradations import PRESETS, DegradationConfig, preset
 from .latent_codes import read_latent_codes
+from .loaders import ReportingLoader, ResumableLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,11 @@ class FaceDataModule(pl.LightningDataModule):
         task: ``restoration`` | ``colorization`` | ``inpainting``.
         batch_size: per device. num_workers, pin_memory, persistent_workers: DataLoader options
             (persistent workers only when ``num_workers > 0``).
-        seed: degradation seed (see ``datasets`` for the scheme). Validation samples are drawn once
-            from it (no flip, independent of the epoch) so validation numbers compare across runs.
+        seed: degradation seed (see ``datasets`` for the scheme) and training-order seed (each
+            epoch's order is a permutation from ``(seed, epoch)``, split over the ranks and resumed
+            mid-epoch from checkpoints: :class:`~.loaders.ResumableLoader`). Validation samples are
+            drawn once from it (no flip, independent of the epoch) so validation numbers compare
+            across runs.
         latent_codes: precomputed target codes file (``codeformer-latent-codes``) of the training
             faces; validation samples carry no ``codes``.
         paired_small_large: stage III pairs (``lq`` small, ``lq_large`` = ``large_degradation``).
@@ -76,7 +79,7 @@ class FaceDataModule(pl.LightningDataModule):
         gpu_degradation: degrade training batches on the training device after transfer
             (:mod:`.gpu_degradations`; restoration only; JPEG approximated) instead of in the
             workers; validation keeps the fixed numpy degradations. Draws are seeded from
-            (seed, global rank, number of batches degraded so far in this process).
+            (seed, global rank, training batches degraded so far in this run: saved in checkpoints).
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class FaceDataModule(pl.LightningDataModule):
         self._train_source = None
         self._train_idx: list[int] = []
         self._gpu_batches = 0
+        self._loaders: dict[str, ReportingLoader] = {}
 
     # ------------------------------------------------------------------------- setup
     def _source(self, folder, lmdb_path, file_list=None):
@@ -190,42 +194,67 @@ class FaceDataModule(pl.LightningDataModule):
             trainer.callbacks.append(DataEpochCallback())
 
     # ------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: FaceDataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader_options(self) -> dict:
         workers = int(self.hparams.num_workers)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+        return dict(
             num_workers=workers,
             pin_memory=bool(self.hparams.pin_memory) and torch.cuda.is_available(),
             persistent_workers=bool(self.hparams.persistent_workers) and workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """This rank's share of every epoch in a seeded order that checkpoints resume exactly
+        (:class:`~.loaders.ResumableLoader`; the samples of each epoch are split over the ranks)."""
         if self.train_set is None:
             self.setup("fit")
         trainer = getattr(self, "trainer", None)
-        if trainer is not None:  # a resumed run starts mid-way: its first epoch's samples
-            self.train_set.set_epoch(trainer.current_epoch)
-        n = len(self.train_set)
-        drop_last = (
-            n >= self.hparams.batch_size
-        )  # full batches (BatchNorm-free nets would not mind, GAN stats do)
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True, drop_last=drop_last)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # a resumed run starts mid-way: its first epoch's samples (the checkpoint's position follows)
+        epoch = trainer.current_epoch if trainer is not None else self.train_set.epoch
+        seed = int(self.hparams.seed)
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, seed=seed, epoch=epoch)
+        # full batches (BatchNorm-free nets would not mind, GAN stats do)
+        drop_last = len(sampler) >= self.hparams.batch_size
+        options = dict(sampler=sampler, drop_last=drop_last, **self._loader_options())
+        position = self._position if trainer is not None else None
+        loader = ResumableLoader(self.train_set, self.hparams.batch_size, position=position, **options)
+        self._loaders["train"] = loader
+        return loader
 
-    def val_dataloader(self) -> DataLoader | list:
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it consumed) of the training loop; a finished epoch is the next one's start."""
+        trainer = self.trainer
+        epoch, batches = trainer.current_epoch, trainer.fit_loop.batch_idx + 1
+        if batches >= trainer.num_training_batches:
+            return epoch + 1, 0
+        return epoch, max(batches, 0)
+
+    def val_dataloader(self) -> ReportingLoader | list:
         if self._train_source is None:
             self.setup("validate")
         if self.val_set is None:
             warnings.warn("no validation faces (val_dir/val_lmdb not given and val_split=0)", stacklevel=2)
             return []
-        return self._loader(
-            self.val_set,
-            self.hparams.val_batch_size or self.hparams.batch_size,
-            shuffle=False,
-            drop_last=False,
-        )
+        batch_size = self.hparams.val_batch_size or self.hparams.batch_size
+        loader = ReportingLoader(self.val_set, batch_size=batch_size, shuffle=False, **self._loader_options())
+        self._loaders["val"] = loader
+        return loader
+
+    def on_exception(self, exception: BaseException) -> None:
+        # torch reports a worker killed while the main process was busy elsewhere without the file
+        # it was loading (the loaders name it when they see the failure themselves)
+        for name, loader in self._loaders.items():
+            report = loader.loading_report(exception) if "DataLoader worker" in str(exception) else None
+            if report:
+                log.error("%s loader: %s", name, report)
+
+    def state_dict(self) -> dict[str, int]:
+        # the GPU-degradation draws continue where the checkpoint stopped (the data order and position
+        # are the train loader's state)
+        return {"gpu_batches": self._gpu_batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._gpu_batches = int(state_dict.get("gpu_batches", 0))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = getattr(self, "trainer", None)

@@ -11,11 +11,14 @@ factor, noise, JPEG, jitter, masks) from ``numpy.random.default_rng([seed, 0, e,
 different for different indices, and different from one epoch to the next. Worker ids play no
 part: every index is drawn by exactly one worker of one rank per epoch, so workers never repeat
 each other's pairs. The epoch lives in a shared-memory tensor, so ``set_epoch`` in the main
-process reaches persistent workers (``FaceDataModule`` / :class:`DataEpochCallback` call it at
-every training epoch start, before the epoch's loader iterator is created).
+process reaches persistent workers. The training loader's sampler
+(:class:`~codeformer_lightning.data.loaders.ResumableSampler`) calls it whenever its own epoch
+changes, before that epoch's iterator exists: also when a resumed run restores a mid-epoch
+position before its first batch.
 
 Bad files never crash a run: a file that fails to decode is reported once (a
-:class:`BadImageWarning` naming the file and the reason), marked in a shared-memory flag tensor
+:class:`BadImageWarning` naming the file and the reason; raised in the main process also when a
+loader worker met it, see :class:`~codeformer_lightning.data.loaders.ReportingLoader`), marked in a shared-memory flag tensor
 (``skipped_names()`` in the main process sees the marks of all workers) and replaced by the next
 good image (cyclically; deterministic). Pixels come from the package's one decoder,
 :func:`codeformer_lightning.io.decode_image` (EXIF orientation, 16-bit rounding, palette, alpha
@@ -224,6 +227,10 @@ class FaceDataset(Dataset):
     def skipped_names(self) -> list[str]:
         """Files found unreadable so far (by any worker), as ``describe`` strings."""
         return [self.source.describe(self.indices[i]) for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def describe_sample(self, position: int) -> str:
+        """The file of sample ``position`` (named when a loader worker dies loading it)."""
+        return self.source.describe(self.indices[int(position)])
 
     def rng(self, position: int) -> np.random.Generator:
         """The generator of sample ``position`` now (see the module docstring)."""
