@@ -17,6 +17,7 @@ from ..checkpoints import CheckpointError, load_pretrained, load_state_strict, s
 from ..losses import LPIPS, VQGANLoss
 from ..nn import CodeFormer, PatchDiscriminator
 from ..training import EMA, log_image_grid
+from ..training.nonfinite import NonFiniteGuard, RunningStats, skip_update
 from .code_predictor import (
     OptimizerFactory,
     SchedulerFactory,
@@ -96,6 +97,8 @@ class CFTModule(StageModule):
         val_adain: AdaIN in validation restorations (published inference: on for restoration and
             colorization, off for inpainting).
         grad_clip: max gradient norm for both optimisers (None: off).
+        max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss or gradient
+            (such steps are skipped, see :mod:`~codeformer_lightning.training.nonfinite`); None: never.
 
     Checkpoints record ``net`` and ``discriminator`` (class and constructor config) and the frozen target encoder:
     ``CFTModule.load_from_checkpoint(ckpt)`` rebuilds them without reading the weight files again
@@ -136,6 +139,7 @@ class CFTModule(StageModule):
         val_fidelities: Sequence[float] = (0.0, 0.5, 1.0),
         val_adain: bool = False,
         grad_clip: float | None = None,
+        max_nonfinite_steps: int | None = 20,
     ) -> None:
         super().__init__()
         self.fidelity = StepTable.of(fidelity_schedule)
@@ -194,6 +198,7 @@ class CFTModule(StageModule):
         self.val_lpips = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.val_l1 = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.last_logs: dict[str, torch.Tensor] = {}
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     # ------------------------------------------------------------------------- setup
     def _set_trainable(self, encoder: bool, transformer: bool, generator: bool) -> None:
@@ -264,52 +269,39 @@ class CFTModule(StageModule):
         w = float(self.fidelity(step))
         large = self.mix.is_large(step)
         gt = batch["gt"]
-        codes = target_codes(batch, self.targets, self.net.latent_size**2)
         gan_on = not large and self.gan_active(step)
+        disc_stats = RunningStats(self.discriminator if gan_on else None)
 
         with opt_g.toggle_model():
-            if large:
-                if "lq_large" not in batch:
-                    raise KeyError(
-                        f"step {step} is a large-degradation step (small_degradation_every="
-                        f"{self.mix.small_every.as_list()}) but the batch has no 'lq_large': use the data module's "
-                        "stage III pairing, or small_degradation_every=1"
-                    )
-                logits, lq_feat = self.net.predict_codes(batch["lq_large"])
-                output = None
-            else:
-                # a tensor w: values above 1 (published 1.3) are allowed, and w = 0 still runs the
-                # fusion, so the adaptive GAN weight always finds its layer in the graph
-                w_arg = torch.tensor(w, device=gt.device)
-                out = self.net.restore(batch["lq"], w=w_arg, adain=False, detach_codebook=True)
-                logits, lq_feat, output = out.logits, out.lq_feat, out.image
-            total, logs = code_losses(self.net, logits, lq_feat, codes, self.hparams.ce_weight, self.hparams.feat_weight)
-            if output is not None:
-                image_total, image_logs = self.image_loss.generator_loss(
-                    gt, output, output.new_zeros(()), self.discriminator if gan_on else None, self.adaptive_weight_layer
-                )
-                image_logs.pop("codebook", None)
-                image_logs.pop("total", None)
-                total = total + image_total
-                logs.update(image_logs)
+            total, logs, output = self._generator_loss(batch, step, w, large, gan_on)
             opt_g.zero_grad(set_to_none=True)
             if total.requires_grad:
                 self.manual_backward(total)
+        # a NaN/inf loss or gradient: nothing of this step is learned (see training.nonfinite)
+        learn = self.nonfinite.check(self, dict(logs, loss=total.detach()), self.net.parameters())
+        if not learn:
+            skip_update(self, self.net.parameters())
         # always step: trainer.global_step counts steps, and parameters without gradients are skipped
         opt_g.step()
-        self.ema.update(self.net)
+        if learn:
+            self.ema.update(self.net)
 
-        if gan_on:
+        if gan_on and learn:
             with opt_d.toggle_model():
                 d_loss, d_logs = self.image_loss.discriminator_loss(self.discriminator, gt, output)
                 opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_loss)
             logs.update(d_logs)
-            # through the strategy (precision plugin), not LightningOptimizer.step, which would
-            # count the discriminator step in trainer.global_step too
-            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=_no_closure)
+            learn = self.nonfinite.check(self, d_logs, self.discriminator.parameters(), prefix="discriminator ")
+            if learn:
+                # through the strategy (precision plugin), not LightningOptimizer.step, which would
+                # count the discriminator step in trainer.global_step too
+                self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=_no_closure)
+        if not learn:
+            disc_stats.restore()  # the skipped forward passes leave no trace in BatchNorm statistics
         for sch in self._schedulers():
             sch.step()
+        self.nonfinite.end_step(self, step)
 
         logs.update(loss=total.detach(), w=torch.tensor(w), large_degradation=torch.tensor(float(large)))
         self.last_logs = logs
@@ -317,6 +309,39 @@ class CFTModule(StageModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, batch_size=n)
         self.log("train/lr", opt_g.optimizer.param_groups[0]["lr"], on_step=True, batch_size=n)
         return total.detach()
+
+    def _generator_loss(
+        self, batch: Mapping[str, Any], step: int, w: float, large: bool, gan_on: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The generator side's total loss, its logged terms and the restored image ``(B,3,S,S)``
+        (None on a large-degradation step, which trains the code path only)."""
+        gt = batch["gt"]
+        codes = target_codes(batch, self.targets, self.net.latent_size**2)
+        if large:
+            if "lq_large" not in batch:
+                raise KeyError(
+                    f"step {step} is a large-degradation step (small_degradation_every="
+                    f"{self.mix.small_every.as_list()}) but the batch has no 'lq_large': use the data module's "
+                    "stage III pairing, or small_degradation_every=1"
+                )
+            logits, lq_feat = self.net.predict_codes(batch["lq_large"])
+            output = None
+        else:
+            # a tensor w: values above 1 (published 1.3) are allowed, and w = 0 still runs the
+            # fusion, so the adaptive GAN weight always finds its layer in the graph
+            w_arg = torch.tensor(w, device=gt.device)
+            out = self.net.restore(batch["lq"], w=w_arg, adain=False, detach_codebook=True)
+            logits, lq_feat, output = out.logits, out.lq_feat, out.image
+        total, logs = code_losses(self.net, logits, lq_feat, codes, self.hparams.ce_weight, self.hparams.feat_weight)
+        if output is not None:
+            image_total, image_logs = self.image_loss.generator_loss(
+                gt, output, output.new_zeros(()), self.discriminator if gan_on else None, self.adaptive_weight_layer
+            )
+            image_logs.pop("codebook", None)
+            image_logs.pop("total", None)
+            total = total + image_total
+            logs.update(image_logs)
+        return total, logs, output
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.hparams.grad_clip:
@@ -331,9 +356,11 @@ class CFTModule(StageModule):
         return [net.restore(lq, w=float(w), adain=self.hparams.val_adain).image.float().clamp(-1, 1) for w in fidelities]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
         self.save_networks(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
         self.restore_networks(checkpoint)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

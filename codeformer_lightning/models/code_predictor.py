@@ -23,6 +23,7 @@ from ..checkpoints import CheckpointError, load_pretrained, load_state_strict, s
 from ..losses import LPIPS
 from ..nn import CodeFormer, VQAutoEncoder
 from ..training import EMA, log_image_grid
+from ..training.nonfinite import NonFiniteGuard, skip_update
 from .latent_codes import CodeTargetEncoder
 from .stage import StageModule
 from .vqgan import _plain_param_groups
@@ -164,6 +165,8 @@ class CodePredictorModule(StageModule):
         perceptual_weights, perceptual_linear_weights: LPIPS weight files; when given, validation
             also logs the LPIPS of the w = 0 restorations.
         val_adain: restore validation images with AdaIN (as published inference does).
+        max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss or gradient
+            (such steps are skipped, see :mod:`~codeformer_lightning.training.nonfinite`); None: never.
 
     Checkpoints record ``net`` (class and constructor config) and the frozen target encoder:
     ``CodePredictorModule.load_from_checkpoint(ckpt)`` rebuilds them without reading the weight files again
@@ -189,6 +192,7 @@ class CodePredictorModule(StageModule):
         perceptual_weights: str | None = None,
         perceptual_linear_weights: str | None = None,
         val_adain: bool = False,
+        max_nonfinite_steps: int | None = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
@@ -212,6 +216,8 @@ class CodePredictorModule(StageModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
         self.val_lpips = MeanMetric()
         self.last_logs: dict[str, torch.Tensor] = {}
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._learn = True
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -239,17 +245,30 @@ class CodePredictorModule(StageModule):
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=n)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # after the backward pass (and fp16 unscaling), before the update: a NaN/inf loss or
+        # gradient makes the update a no-op (see training.nonfinite)
+        self._learn = self.nonfinite.check(self, self.last_logs, self.net.parameters())
+        if not self._learn:
+            skip_update(self, self.net.parameters())
+
     def optimizer_step(self, *args, **kwargs) -> None:
         # The EMA moves right after each optimiser step (once per step with gradient accumulation),
         # inside the batch: checkpoint callbacks run in on_train_batch_end, so a checkpoint then holds
         # the EMA of the same step as the weights and a resumed run continues the same average.
+        step = self.global_step
+        self._learn = True
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
+        if self._learn:
+            self.ema.update(self.net)
+        self.nonfinite.end_step(self, step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
         self.save_networks(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
         self.restore_networks(checkpoint)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:

@@ -16,6 +16,7 @@ from ..losses import VQGANLoss
 from ..nn import PatchDiscriminator, VQAutoEncoder
 from ..nn.quantizer import CodebookTrainer, code_statistics
 from ..training import EMA, log_code_histogram, log_image_grid
+from ..training.nonfinite import NonFiniteGuard, RunningStats, skip_update
 from .stage import StageModule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -74,6 +75,8 @@ class VQGANModule(StageModule):
             :class:`~codeformer_lightning.nn.quantizer.CodebookTrainer` (all off = published).
             ``codebook_ema_decay`` (e.g. 0.99) replaces the codebook's gradient updates by EMA ones.
         pretrained: a weight file (e.g. ``vqgan_code1024.pth``) loaded into ``net`` before training.
+        max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss or gradient
+            (such steps are skipped, see :mod:`~codeformer_lightning.training.nonfinite`); None: never.
 
     Under DDP with a discriminator use ``strategy="ddp_find_unused_parameters_true"``: each of the
     two backward passes leaves the other network's parameters without gradients. Without a
@@ -110,6 +113,7 @@ class VQGANModule(StageModule):
         code_buffer_size: int = 4096,
         codebook_seed: int = 0,
         pretrained: str | None = None,
+        max_nonfinite_steps: int | None = 20,
     ) -> None:
         super().__init__()
         # networks, the loss and the factories are objects, not hyperparameters; leaving them out
@@ -140,6 +144,9 @@ class VQGANModule(StageModule):
         # per-epoch code histogram; a plain tensor, not a buffer: DDP would overwrite buffers with rank 0's
         self._epoch_counts = torch.zeros(net.quantize.codebook_size, dtype=torch.long)
         self.last_logs: dict[str, torch.Tensor] = {}  # the latest step's logged terms (for callbacks/tests)
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._update_ok = {"g": True, "d": True}  # per network, over the current optimiser step's batches
+        self._disc_stats: RunningStats | None = None
 
     # ------------------------------------------------------------------------- setup
     @staticmethod
@@ -215,46 +222,27 @@ class VQGANModule(StageModule):
         step = self.global_step
         do_step = (batch_idx + 1) % k == 0 or self.trainer.is_last_batch
         gan_on = self.gan_active(step)
-        quantizer = self.net.quantize
+        if self._disc_stats is None:  # the first batch of this optimiser step
+            self._disc_stats = RunningStats(self.discriminator if gan_on else None)
 
-        # generator (toggle_model: the discriminator's parameters get no gradients here)
-        with opt_g.toggle_model(sync_grad=do_step):
-            z, _ = self.net.encoder(x)
-            if self.codebook.before_quantize(quantizer, z, step):
-                self._codebook_rows_changed(opt_g, None)
-            q = quantizer(z)
-            recon = self.net.generator(q.quantized)
-            g_loss, logs = self.loss.generator_loss(
-                x, recon, q.loss, self.discriminator if gan_on else None, self.net.generator.last_layer
-            )
-            self.manual_backward(g_loss / k)
-        self.codebook.after_backward(quantizer, z, q.indices, step)
-        self._epoch_counts += q.counts.to(self._epoch_counts.device)
-        logs.update(perplexity=q.perplexity.detach(), code_usage=q.usage.detach())
-
-        if do_step:
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            restarted = self.codebook.restart_dead_codes(quantizer, step)
-            if restarted.numel():
-                self._codebook_rows_changed(opt_g, restarted)
-            if self.codebook.dead_code_steps > 0:
-                logs["restarted_codes"] = torch.tensor(float(restarted.numel()))
-            self.ema.update(self.net)
-
+        recon, logs = self._generator_pass(x, opt_g, step, do_step, gan_on)
         # discriminator, on the reconstructions the generator step started from (as published)
-        if gan_on:
+        if gan_on and self._update_ok["d"]:
             with opt_d.toggle_model(sync_grad=do_step):
                 d_loss, d_logs = self.loss.discriminator_loss(self.discriminator, x, recon)
                 self.manual_backward(d_loss / k)
             logs.update(d_logs)
-            if do_step:
+            disc_params = self.discriminator.parameters() if do_step else None
+            self._update_ok["d"] &= self.nonfinite.check(self, d_logs, disc_params, prefix="discriminator ")
+        if gan_on and do_step:
+            if self._update_ok["d"]:
                 # Through the strategy (precision plugin: grad scaling, the clipping hook) but not
                 # LightningOptimizer.step, which would count it in trainer.global_step as well.
                 self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=_no_closure)
-                opt_d.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
 
         if do_step:
+            self._end_optimizer_step(step)
             for sch in self._schedulers():
                 sch.step()
             done = step + 1  # steps completed: the number the metrics and checkpoints of this step carry
@@ -266,8 +254,61 @@ class VQGANModule(StageModule):
         self.log_dict({f"train/{name}": v for name, v in logs.items()}, on_step=True, batch_size=x.shape[0])
         self.log("train/lr", opt_g.optimizer.param_groups[0]["lr"], on_step=True, batch_size=x.shape[0])
 
+    def _generator_pass(self, x: torch.Tensor, opt_g, step: int, do_step: bool, gan_on: bool):
+        """Generator forward/backward, codebook upkeep and (at ``do_step``) the generator update and EMA.
+
+        Returns the reconstructions ``(B,3,S,S)`` and the logged terms. A non-finite loss or
+        gradient marks the step as skipped (see :mod:`~codeformer_lightning.training.nonfinite`).
+        """
+        k = self.hparams.accumulate_grad_batches
+        quantizer = self.net.quantize
+        # toggle_model: the discriminator's parameters get no gradients here
+        with opt_g.toggle_model(sync_grad=do_step):
+            z, _ = self.net.encoder(x)
+            if self.codebook.before_quantize(quantizer, z, step):
+                self._codebook_rows_changed(opt_g, None)
+            q = quantizer(z)
+            recon = self.net.generator(q.quantized)
+            g_loss, logs = self.loss.generator_loss(
+                x, recon, q.loss, self.discriminator if gan_on else None, self.net.generator.last_layer
+            )
+            self.manual_backward(g_loss / k)
+        finite = self.nonfinite.check(self, logs, self.net.parameters() if do_step else None)
+        if finite:
+            self.codebook.after_backward(quantizer, z, q.indices, step)
+            self._epoch_counts += q.counts.to(self._epoch_counts.device)
+        else:  # nothing of this step is learned, by the discriminator either
+            self._update_ok.update(g=False, d=False)
+        logs.update(perplexity=q.perplexity.detach(), code_usage=q.usage.detach())
+
+        if do_step:
+            learn = self._update_ok["g"]
+            if not learn:
+                skip_update(self, self.net.parameters())
+            opt_g.step()  # also when skipped: trainer.global_step counts steps
+            opt_g.zero_grad(set_to_none=True)
+            if learn:
+                restarted = self.codebook.restart_dead_codes(quantizer, step)
+                if restarted.numel():
+                    self._codebook_rows_changed(opt_g, restarted)
+                if self.codebook.dead_code_steps > 0:
+                    logs["restarted_codes"] = torch.tensor(float(restarted.numel()))
+                self.ema.update(self.net)
+        return recon, logs
+
+    def _end_optimizer_step(self, step: int) -> None:
+        if not all(self._update_ok.values()):
+            self._disc_stats.restore()  # the skipped forward passes leave no trace in BatchNorm statistics
+        self._disc_stats = None
+        self._update_ok = {"g": True, "d": True}
+        self.nonfinite.end_step(self, step)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
         self.save_networks(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.hparams.grad_clip:

@@ -258,6 +258,10 @@ class CodebookTrainer(nn.Module):
 
     @torch.no_grad()
     def _push(self, flat: torch.Tensor, step: int) -> None:
+        if not bool(flat.isfinite().all()):
+            # a non-finite batch (its step will be skipped) must not poison k-means or restarts;
+            # fewer rows here just lowers the count every rank pushes
+            flat = flat[flat.isfinite().all(dim=1)]
         # the same count on every rank (all_gather needs equal shapes; a last batch may be short)
         n = _all_reduce_min(min(self.samples_per_step, self.code_buffer.shape[0], flat.shape[0]), flat.device)
         rows = torch.randperm(flat.shape[0], generator=self._generator(step, 1))[:n]
