@@ -54,3 +54,22 @@ def test_slurm_launcher_renders_multinode_sbatch(intercept_sbatch, monkeypatch, 
     assert "srun" in script and "submitit.core._submit" in script
     # the job's files go under the sweep folder
     assert str(tmp_path / "sweep" / ".submitit") in script
+    # SIGUSR1 two minutes before the time limit, to every task: checkpoint, requeue (not submitit's USR2)
+    assert "--signal=USR1@120" in directives and not any(d.startswith("--signal=USR2") for d in directives)
+
+
+def test_slurm_runs_resume_automatically_and_requeue_through_lightnings_slurm_environment(compose_cfg):
+    import signal
+
+    from hydra.utils import instantiate
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from codeformer_lightning.training import AtomicCheckpointIO
+
+    cfg = compose_cfg("launcher=slurm", "experiment=vqgan", "trainer=multinode")
+    assert cfg.ckpt_path == "auto"  # a requeued job continues from its run folder's newest valid checkpoint
+    plugins = instantiate(cfg.trainer.plugins)
+    cluster = next(p for p in plugins if isinstance(p, SLURMEnvironment))
+    assert cluster.auto_requeue and cluster.requeue_signal == signal.SIGUSR1
+    assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
+    assert "preemption" in cfg.callbacks and "random_state" in cfg.callbacks
