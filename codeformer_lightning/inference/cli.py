@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,8 +75,8 @@ def _fidelity(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"fidelity must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"fidelity must lie in [0, 1], got {value}")
+    if not (math.isfinite(value) and value >= 0.0):  # above 1 is allowed (the restorer warns), as published
+        raise argparse.ArgumentTypeError(f"fidelity must be a number >= 0 (usually in [0, 1]), got {value}")
     return value
 
 
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, type=Path,
                         help="CodeFormer weights: published .pth (e.g. codeformer.pth) or this package's .safetensors")
     parser.add_argument("-w", "--fidelity", type=_fidelity, nargs="+", default=None,
-                        help="fidelity weight(s) in [0, 1]: 0 = best quality, 1 = closest to input; "
+                        help="fidelity weight(s) in [0, 1]: 0 = best quality, 1 = closest to input (above 1 "
+                             "extrapolates, with a warning); "
                              "several values also write a comparison grid (default: the task's published "
                              "value: 0.5 for restoration, 0 for colorization, 1 for inpainting)")
     parser.add_argument("--task", choices=TASKS, default=None,

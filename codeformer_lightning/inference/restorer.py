@@ -28,6 +28,7 @@ from codeformer_lightning.inference.tasks import (
     whole_photo_note,
 )
 from codeformer_lightning.nn import CodeFormer
+from codeformer_lightning.nn.codeformer import warn_above_one
 from codeformer_lightning.nn.fused import retain_freed_cpu_memory
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -66,13 +67,22 @@ class RestoreResult:
         return self.images[self.ws[0]]
 
 
-def _as_fidelities(w: float | Sequence[float]) -> list[float]:
-    ws = [float(w)] if np.ndim(w) == 0 else [float(v) for v in np.ravel(w)]
+def _as_fidelities(w: float | Sequence[float] | np.ndarray | torch.Tensor) -> list[float]:
+    """The fidelity values to restore with: a number or several (list, tuple, array, tensor), each finite
+    and >= 0; above 1 is allowed with a warning, as in the published inference."""
+    if isinstance(w, torch.Tensor):
+        w = w.detach().cpu().numpy()
+    try:
+        ws = [float(w)] if np.ndim(w) == 0 else [float(v) for v in np.ravel(w)]
+    except (TypeError, ValueError):
+        raise TypeError(f"w must be a number or a sequence of numbers, got {w!r}") from None
     if not ws:
         raise ValueError("at least one fidelity weight w is needed")
-    bad = [v for v in ws if not 0.0 <= v <= 1.0]
+    bad = [v for v in ws if not (np.isfinite(v) and v >= 0.0)]
     if bad:
-        raise ValueError(f"fidelity values w must lie in [0, 1], got {bad}")
+        raise ValueError(f"fidelity values w must be finite and >= 0 (0 = quality, 1 = fidelity), got {bad}")
+    for v in ws:
+        warn_above_one(v)
     return list(dict.fromkeys(ws))  # unique, order kept
 
 

@@ -7,7 +7,15 @@
 
 from .autoencoder import Encoder, Generator, VQAutoEncoder
 from .blocks import AttnBlock, Downsample, ResBlock, Upsample
-from .codeformer import CodeFormer, CodeFormerOutput, FusionBlock, adaptive_instance_norm
+from .codeformer import (
+    DEFAULT_ADAIN,
+    DEFAULT_W,
+    CodeFormer,
+    CodeFormerOutput,
+    FusionBlock,
+    adaptive_instance_norm,
+    fidelity_weight,
+)
 from .discriminator import PatchDiscriminator
 from .quantizer import QuantizerOutput, VectorQuantizer, code_statistics
 from .transformer import SelfAttention, TransformerLayer
@@ -15,5 +23,6 @@ from .transformer import SelfAttention, TransformerLayer
 __all__ = [
     "AttnBlock", "CodeFormer", "CodeFormerOutput", "Downsample", "Encoder", "FusionBlock", "Generator",
     "PatchDiscriminator", "QuantizerOutput", "ResBlock", "SelfAttention", "TransformerLayer", "Upsample",
-    "VQAutoEncoder", "VectorQuantizer", "adaptive_instance_norm", "code_statistics",
+    "VQAutoEncoder", "VectorQuantizer", "adaptive_instance_norm", "code_statistics", "DEFAULT_W", "DEFAULT_ADAIN",
+    "fidelity_weight",
 ]

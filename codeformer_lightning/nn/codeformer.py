@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +15,68 @@ from . import fused
 from .autoencoder import VQAutoEncoder
 from .blocks import ResBlock
 from .transformer import TransformerLayer
+
+#: The published inference defaults (``inference_codeformer.py``): fidelity weight 0.5, AdaIN on.
+#: ``CodeFormer.restore`` and ``CodeFormer.forward`` share them.
+DEFAULT_W = 0.5
+DEFAULT_ADAIN = True
+
+#: a fidelity weight: one number for the batch, or one per image (list, tuple, array or tensor)
+Fidelity = float | Sequence[float] | torch.Tensor
+
+
+def fidelity_weight(w: Fidelity, batch_size: int) -> float | torch.Tensor:
+    """A fidelity weight in the form the network takes: a Python float (one ``w`` for the batch) or a
+    ``(batch_size,)`` float tensor (one per image).
+
+    Accepts a number, a list / tuple / NumPy array of 1 or ``batch_size`` numbers, or a tensor (scalar,
+    ``(1,)`` or ``(B,)``). Python and NumPy values are checked: finite and >= 0 (raises ValueError
+    naming the problem). Tensors keep their graph and are only checked for shape, so an exported
+    model takes ``w`` as an input. Values above 1 extrapolate beyond the input's features: allowed
+    (the published stage III trains at 1.3; the published inference accepts them too), see
+    :func:`warn_above_one`.
+    """
+    if isinstance(w, torch.Tensor):
+        if w.ndim > 1 or (w.ndim == 1 and w.shape[0] not in (1, batch_size)):
+            raise ValueError(
+                f"w must be one value or one per image: a scalar or shape ({batch_size},) tensor, got shape "
+                f"{tuple(w.shape)}"
+            )
+        return w
+    try:
+        values = torch.as_tensor(w, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"w must be a number or a sequence of numbers, got {w!r}") from None
+    if values.ndim > 1:
+        raise ValueError(
+            f"w must be one value or a flat sequence of values, got an array of shape {tuple(values.shape)}"
+        )
+    if values.numel() not in (1, batch_size):
+        raise ValueError(
+            f"w has {values.numel()} value(s) {values.flatten().tolist()} for a batch of {batch_size} image(s): give "
+            "one value for the batch or one per image"
+        )
+    listed = values.flatten().tolist()
+    bad = [v for v in listed if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"fidelity weight w must be finite and >= 0 (0 = quality, 1 = fidelity), got {bad}")
+    return listed[0] if len(listed) == 1 else values.float()
+
+
+def warn_above_one(w: float | torch.Tensor) -> None:
+    """Warn when an inference ``w`` (as :func:`fidelity_weight` returns it) exceeds 1 (allowed, as in the published inference: the fusion is
+    extrapolated beyond the input's features, which can bring artefacts)."""
+    if isinstance(w, torch.Tensor) and (torch.jit.is_tracing() or torch.jit.is_scripting()):
+        return  # an exported graph: w is an input, its values are not known here
+    values = w.detach().flatten().tolist() if isinstance(w, torch.Tensor) else [w]
+    above = [f"{v:g}" for v in values if v > 1]
+    if above:
+        warnings.warn(
+            f"fidelity weight w={', '.join(above)} > 1 extrapolates the fusion beyond the input's features (the published "
+            "training reaches 1.3); expect artefacts. w in [0, 1]: 0 = quality, 1 = fidelity",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def adaptive_instance_norm(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -164,27 +228,26 @@ class CodeFormer(VQAutoEncoder):
     def restore(
         self,
         x: torch.Tensor,
-        w: float | torch.Tensor = 0.0,
-        adain: bool = False,
+        w: Fidelity = DEFAULT_W,
+        adain: bool = DEFAULT_ADAIN,
         detach_codebook: bool = True,
     ) -> CodeFormerOutput:
-        """Restore ``x`` ``(B,3,S,S)`` in [-1,1] with fidelity weight ``w``.
+        """Restore ``x`` ``(B,3,S,S)`` in [-1,1] with fidelity weight ``w``; the defaults are the
+        published inference's (``w=0.5``, ``adain=True``), as for :meth:`forward`.
 
-        ``w``: float in [0, 1] (0 skips the fusion entirely) or a tensor, scalar or ``(B,)``, for a
-        per-sample weight (always runs the fusion: export-friendly). ``adain``: match the looked-up
-        codebook features' channel statistics to the LQ latent's (published inference for
-        restoration and colorization). Encoder features enter the fusion detached, as published.
+        ``w``: one number for the batch (0 skips the fusion entirely) or one per image (list, tuple,
+        array or tensor, see :func:`fidelity_weight`; a tensor always runs the fusion: export-friendly).
+        0 = quality, 1 = fidelity; values above 1 extrapolate (training schedules reach 1.3; no warning
+        here, :meth:`forward` warns). ``adain``: match the looked-up codebook features' channel
+        statistics to the LQ latent's (published inference for restoration and colorization).
+        Encoder features enter the fusion detached, as published.
         """
         fuse_res: Sequence[int] = self.fusion_resolutions
+        w = fidelity_weight(w, x.shape[0])
         if isinstance(w, torch.Tensor):
-            if w.ndim > 1 or (w.ndim == 1 and w.shape[0] not in (1, x.shape[0])):
-                raise ValueError(f"w must be a scalar or shape (B,) = ({x.shape[0]},), got {tuple(w.shape)}")
-            w = w.to(x.dtype).reshape(-1, 1, 1, 1)
-        else:
-            if not 0.0 <= float(w) <= 1.0:
-                raise ValueError(f"fidelity weight w must lie in [0, 1], got {w}")
-            if float(w) == 0.0:
-                fuse_res = ()
+            w = w.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        elif w == 0.0:
+            fuse_res = ()
         logits, lq_feat, enc_feats = self._encode_lq(x, fuse_res)
         indices = logits.argmax(dim=-1)
         quant = self.quantize.lookup(indices, (self.latent_size, self.latent_size))
@@ -201,6 +264,9 @@ class CodeFormer(VQAutoEncoder):
         image = self.generator(quant, fuse if fuse_res else None)
         return CodeFormerOutput(image, logits, lq_feat, indices)
 
-    def forward(self, x: torch.Tensor, w: float | torch.Tensor = 0.5, adain: bool = True) -> torch.Tensor:
-        """Restored images ``(B, 3, S, S)`` clamped to [-1, 1] (the published inference call)."""
+    def forward(self, x: torch.Tensor, w: Fidelity = DEFAULT_W, adain: bool = DEFAULT_ADAIN) -> torch.Tensor:
+        """Restored images ``(B, 3, S, S)`` clamped to [-1, 1] (the published inference call; ``w`` and
+        ``adain`` as in :meth:`restore`, with a warning for ``w > 1``)."""
+        w = fidelity_weight(w, x.shape[0])
+        warn_above_one(w)
         return self.restore(x, w, adain).image.clamp(-1.0, 1.0)

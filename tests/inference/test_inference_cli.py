@@ -108,7 +108,7 @@ def test_argument_errors(tmp_path, tiny_weights, capsys):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
     cases = [
         ([str(image), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "none.pth")], "no such file"),
-        ([str(image), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "-w", "1.5"], "[0, 1]"),
+        ([str(image), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "-w", "-0.5"], ">= 0"),
         ([str(image), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "--batch-size", "0"], "positive"),
         ([str(image.parent), "-o", str(image.parent / "results"), "--weights", str(tiny_weights)], "inside input folder"),
         ([str(image.parent), "-o", str(image.parent), "--weights", str(tiny_weights)], "inside input folder"),

@@ -75,8 +75,10 @@ def test_multiple_weights_and_network_matches_direct_call(tiny_model):
     # equal up to float rounding landing on the other side of .5
     assert np.abs(result.restored_faces[1.0][0].astype(int) - direct).max() <= 1
     assert (result.restored_faces[0.0][0] != result.restored_faces[1.0][0]).any()
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        restorer.restore(_photo(), w=1.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        restorer.restore(_photo(), w=-0.5)
+    with pytest.warns(UserWarning, match="w=1.5 > 1 extrapolates"):  # allowed, as in the published inference
+        assert restorer.restore(_photo(), w=1.5).ws == [1.5]
 
 
 def test_faces_across_images_share_network_batches(tiny_model):
