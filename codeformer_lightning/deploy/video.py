@@ -6,6 +6,11 @@ searched for faces and encoded.
     report = restorer.restore_video("in.mp4", "out.mp4", w=0.5)
 
 Command: ``codeformer-restore-video IN OUT --weights W -w 0.5 --batch-size 16 --device cuda``.
+
+The task follows the weights' variant (``task=`` overrides, see :mod:`codeformer_lightning.inference.tasks`):
+restoration at ``w`` (default 0.5), colorization at w=0 with AdaIN (the faces are colourised, the rest of
+each frame is left as it is). Inpainting works on aligned faces only and is refused here: video frames
+are whole pictures (``codeformer-restore --aligned`` restores videos of aligned faces).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..inference.align import estimate_alignment, warp_face
 from ..inference.detection import Detector, MTCNNDetector
 from ..inference.paste import paste_back
 from ..inference.restorer import center_face, precision_autocast
+from ..inference.tasks import Task, TaskError, override_note, task_of_model, whole_photo_note
 from ..io import VideoReader, VideoWriter
 from ..nn import CodeFormer
 from .batched import paste_faces, warp_faces
@@ -67,7 +73,9 @@ class BatchedVideoRestorer:
     ``geometry``: how crops are cut and pasted back: ``"torch"`` (batched ``grid_sample`` on the
     device, no host round trip: the path for GPUs), ``"cv2"`` (OpenCV's uint8 warps on the host, face
     by face, the network still batched across frames: faster on CPUs, where there is no round trip
-    to save), or ``"auto"`` (cv2 on CPU devices, torch elsewhere).
+    to save), or ``"auto"`` (cv2 on CPU devices, torch elsewhere). ``task``: the published inference
+    to apply (default: the weights' variant): its default ``w`` and AdaIN (``adain`` overrides the
+    latter); inpainting raises :class:`~codeformer_lightning.inference.tasks.TaskError`.
     """
 
     def __init__(
@@ -77,13 +85,14 @@ class BatchedVideoRestorer:
         device: str | torch.device = "cpu",
         batch_size: int = 16,
         chunk_frames: int = 32,
-        adain: bool = True,
+        adain: bool | None = None,
         precision: str = "fp32",
         only_center_face: bool = False,
         feather: int | None = None,
         detector_weights: str | Path | None = None,
         profile: bool = False,
         geometry: str = "auto",
+        task: str | Task | None = None,
     ) -> None:
         if geometry not in GEOMETRY_BACKENDS:
             raise ValueError(f"geometry must be one of {GEOMETRY_BACKENDS}, got {geometry!r}")
@@ -102,11 +111,15 @@ class BatchedVideoRestorer:
             model = load_pretrained(model_or_weights)
         if not isinstance(model, CodeFormer):
             raise TypeError(f"{model_or_weights!s:.200} is a {type(model).__name__}, not a CodeFormer restoration network")
+        self.task = task_of_model(model, task)
+        if not self.task.whole_photos:
+            raise TaskError(f"{self.task.name} works on aligned faces only, and video frames are whole pictures: "
+                            "restore a video of aligned faces with codeformer-restore --aligned")
         self.model = model.to(self.device).eval()
         self.face_size = int(model.img_size)
         self.batch_size = int(batch_size)
         self.chunk_frames = int(chunk_frames)
-        self.adain = adain
+        self.adain = self.task.adain if adain is None else bool(adain)
         self.precision = precision
         self.only_center_face = only_center_face
         self.feather = feather
@@ -151,8 +164,10 @@ class BatchedVideoRestorer:
         return precision_autocast(self.device, self.precision)
 
     @torch.inference_mode()
-    def restore_crops(self, crops: torch.Tensor, w: float = 0.5) -> torch.Tensor:
-        """Aligned crops ``(F, 3, S, S)`` float in [0, 255] -> restored ``(F, 3, S, S)`` float in [0, 255]."""
+    def restore_crops(self, crops: torch.Tensor, w: float | None = None) -> torch.Tensor:
+        """Aligned crops ``(F, 3, S, S)`` float in [0, 255] -> restored ``(F, 3, S, S)`` float in [0, 255]
+        (``w``: default the task's)."""
+        w = self.task.w if w is None else w
         out = torch.empty_like(crops)
         for start in range(0, crops.shape[0], self.batch_size):
             x = crops[start : start + self.batch_size].float() / 127.5 - 1.0
@@ -162,7 +177,8 @@ class BatchedVideoRestorer:
         return out
 
     @torch.inference_mode()
-    def restore_tensor(self, frames: torch.Tensor, affines: np.ndarray, frame_index: np.ndarray, w: float = 0.5) -> torch.Tensor:
+    def restore_tensor(self, frames: torch.Tensor, affines: np.ndarray, frame_index: np.ndarray,
+                       w: float | None = None) -> torch.Tensor:
         """Frames ``(N, 3, H, W)`` on the device, float in [0, 255] or uint8 -> restored frames, same layout
         and dtype (uint8 frames get each pasted face rounded, as the single-face path does).
 
@@ -182,7 +198,7 @@ class BatchedVideoRestorer:
         with self._timed("paste"):
             return paste_faces(frames, restored, affines, frame_index, self.feather, inplace=inplace)
 
-    def restore_frames(self, frames: Sequence[np.ndarray], w: float = 0.5) -> list[np.ndarray]:
+    def restore_frames(self, frames: Sequence[np.ndarray], w: float | None = None) -> list[np.ndarray]:
         """Restore frames ``(H, W, 3)`` uint8 RGB (all one size); returns new frames, same layout."""
         if not frames:
             return []
@@ -228,18 +244,21 @@ class BatchedVideoRestorer:
         return out
 
     # ------------------------------------------------------------------ files
-    def restore_video(self, src: str | Path, dst: str | Path, w: float = 0.5, codec: str = "libx264",
+    def restore_video(self, src: str | Path, dst: str | Path, w: float | None = None, codec: str = "libx264",
                       crf: int = 18, copy_audio: bool = True) -> VideoReport:
-        """Restore ``src`` into ``dst`` at the same frame rate and size; copy its first audio stream.
+        """Restore ``src`` into ``dst`` at the same frame rate and size; copy its first audio stream
+        (``w``: default the task's; another one for colorization is noted in the report).
 
         Reads the source once and writes with the package's one writer
         (:class:`~codeformer_lightning.io.VideoWriter`): constant frame rate (the input's average
         rate), yuv420p, odd sides padded to even by repeating the last row / column. Raises
         :class:`~codeformer_lightning.io.VideoError` naming the file when it cannot be read or written.
         """
+        w = self.task.w if w is None else w
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"fidelity weight w must lie in [0, 1], got {w}")
         report = VideoReport()
+        report.notes.extend(n for n in (override_note(self.task, [w], self.adain), whole_photo_note(self.task)) if n)
         self.timings = defaultdict(float)
         with VideoReader(src) as reader:
             audio = reader.audio_stream if copy_audio else None
@@ -294,18 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", help="input video (anything FFmpeg reads)")
     parser.add_argument("output", help="output video (.mp4 recommended)")
     parser.add_argument("--weights", required=True, help="CodeFormer weights: published codeformer.pth or our .safetensors")
-    parser.add_argument("-w", "--fidelity", type=float, default=0.5,
-                        help="fidelity weight in [0, 1]: 0 = strongest restoration, 1 = closest to the input (default 0.5)")
+    parser.add_argument("-w", "--fidelity", type=float, default=None,
+                        help="fidelity weight in [0, 1]: 0 = strongest restoration, 1 = closest to the input "
+                        "(default: the task's published value: 0.5 for restoration, 0 for colorization)")
+    parser.add_argument("--task", choices=("restoration", "colorization"), default=None,
+                        help="published inference to apply (default: the weights' variant; inpainting works "
+                        "on aligned faces only: use codeformer-restore --aligned)")
     parser.add_argument("--batch-size", type=int, default=16, help="faces per network call (default 16)")
     parser.add_argument("--chunk-frames", type=int, default=32, help="frames held on the device at once (default 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="network precision (fp16: CUDA only)")
-    parser.add_argument("--no-adain", action="store_true", help="skip AdaIN of the codebook features (published: on)")
+    parser.add_argument("--no-adain", action="store_true",
+                        help="skip AdaIN of the codebook features (published restoration and colorization: on)")
     parser.add_argument("--geometry", choices=GEOMETRY_BACKENDS, default="auto",
                         help="crop/paste-back: torch (batched on the device), cv2 (host, fastest on CPU), "
                         "auto (cv2 on CPU, torch on GPU; default)")
     parser.add_argument("--only-center-face", action="store_true", help="restore only the face nearest the frame centre")
-    parser.add_argument("--detector-weights", default=None, help="folder with MTCNN pnet.pt, rnet.pt, onet.pt")
+    parser.add_argument("--detector-weights", default=None,
+                        help="MTCNN weights: a folder of pnet/rnet/onet .safetensors or .pt files (default: the "
+                        "weights shipped in the package)")
     parser.add_argument("--codec", default="libx264", help="video encoder (default libx264)")
     parser.add_argument("--crf", type=int, default=18, help="libx264 quality, lower is better (default 18)")
     parser.add_argument("--no-audio", action="store_true", help="do not copy the audio stream")
@@ -322,9 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         restorer = BatchedVideoRestorer(
             args.weights, device=args.device, batch_size=args.batch_size, chunk_frames=args.chunk_frames,
-            adain=not args.no_adain, precision=args.precision, only_center_face=args.only_center_face,
-            detector_weights=args.detector_weights, geometry=args.geometry,
+            adain=False if args.no_adain else None, precision=args.precision,
+            only_center_face=args.only_center_face, detector_weights=args.detector_weights, geometry=args.geometry,
+            task=args.task,
         )
+        print(f"task: {restorer.task.describe()}", file=sys.stderr)
+    except TaskError as exc:
+        print(f"codeformer-restore-video: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # CheckpointError, DetectorWeightsError name their file
+        print(f"codeformer-restore-video: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    try:
         start = time.perf_counter()
         report = restorer.restore_video(args.input, args.output, w=args.fidelity, codec=args.codec, crf=args.crf,
                                         copy_audio=not args.no_audio)

@@ -171,3 +171,46 @@ def test_odd_frame_sizes_are_padded_to_even(tiny_model, tmp_path):
 def test_unknown_geometry_backend_is_refused(tiny_model):
     with pytest.raises(ValueError, match="geometry must be one of"):
         vid.BatchedVideoRestorer(tiny_model, geometry="opengl")
+
+
+def _with_variant(model, variant: str):
+    import copy
+
+    marked = copy.deepcopy(model)
+    marked.variant = variant
+    return marked
+
+
+def test_colorization_weights_restore_frames_at_w0_with_adain(tiny_model, tmp_path, capsys, monkeypatch):
+    model = _with_variant(tiny_model, "colorization")
+    frames = [textured_image(40 + i) for i in range(3)]
+    restorer = vid.BatchedVideoRestorer(model, detector=ScriptedDetector(LANDMARKS), batch_size=2, geometry="cv2")
+    assert restorer.task.name == "colorization" and restorer.adain is True
+    out = restorer.restore_frames(frames)  # no w: the published colorization's w = 0
+    for n in (0, 2):
+        ref = single_face_path(model, frames[n], LANDMARKS[n], 0.0).astype(int)
+        assert np.abs(out[n].astype(int) - ref).max() <= 2, n
+        assert np.abs(out[n].astype(int) - single_face_path(model, frames[n], LANDMARKS[n], 0.5)).max() > 10
+    # the command: the task line, and a note when -w overrides the published w = 0
+    from codeformer_lightning.checkpoints import save_weights
+
+    weights = str(save_weights(model, tmp_path / "colorization.safetensors"))
+    src = make_clip(tmp_path / "clip.mp4", frames=2, audio=False)
+    monkeypatch.setattr(vid, "MTCNNDetector", lambda *a, **k: ScriptedDetector(LANDMARKS))
+    assert vid.main([str(src), str(tmp_path / "o.mp4"), "--weights", weights, "-w", "0.5", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "task: colorization: w=0, AdaIN on" in captured.err
+    assert "w=0.5 instead of the published w=0" in captured.out
+    assert "rest of the photo is left unchanged" in captured.out
+
+
+def test_inpainting_weights_are_refused_with_the_aligned_path_named(tiny_model, tmp_path, capsys):
+    model = _with_variant(tiny_model, "inpainting")
+    with pytest.raises(vid.TaskError, match="codeformer-restore --aligned"):
+        vid.BatchedVideoRestorer(model)
+    assert vid.BatchedVideoRestorer(model, task="restoration").task.name == "restoration"
+    from codeformer_lightning.checkpoints import save_weights
+
+    weights = str(save_weights(model, tmp_path / "inpainting.safetensors"))
+    assert vid.main([str(tmp_path / "any.mp4"), str(tmp_path / "o.mp4"), "--weights", weights]) == 2
+    assert "inpainting works on aligned faces only" in capsys.readouterr().err
