@@ -160,7 +160,7 @@ def resolve_ckpt_path(value: str | None, run_dir: str | Path) -> str | None:
 
     * ``auto``: the newest valid checkpoint of ``run_dir`` (this run's folder: fix it with
       ``hydra.run.dir=...`` so that a restarted command finds it), or None (start at step 0);
-    * ``auto:<folder>``: the same in ``<folder>`` (e.g. a previous run's folder);
+    * ``auto:<folder>``: the same in ``<folder>`` (e.g. a previous run's folder; it must exist);
     * anything else passes through unchanged (a file path, or Lightning's ``last`` / ``hpc`` ...).
     """
     if value is None or not str(value).startswith("auto"):
@@ -169,6 +169,10 @@ def resolve_ckpt_path(value: str | None, run_dir: str | Path) -> str | None:
     if text != "auto" and not text.startswith("auto:"):
         return value
     folder = Path(text[len("auto:") :]) if text.startswith("auto:") else Path(run_dir)
+    if text.startswith("auto:") and not folder.is_dir():
+        raise FileNotFoundError(
+            f"ckpt_path={text}: no such folder (auto:<folder> names a previous run's folder)"
+        )
     found = find_resume_checkpoint(folder)
     if found is None:
         log.info("ckpt_path=%s: no valid checkpoint in %s, training starts at step 0", text, folder)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from codeformer_lightning.quickstart import build_face_folder
-from codeformer_lightning.training import atomic_torch_save, find_resume_checkpoint
+from codeformer_lightning.training import atomic_torch_save, find_resume_checkpoint, resolve_ckpt_path
 from codeformer_lightning.training.resume import checkpoint_problem
 
 STEPS, EVERY = 12, 3
@@ -231,6 +231,12 @@ def test_auto_takes_the_newest_valid_checkpoint_and_names_the_files_it_skips(tmp
     assert any(f"skipping {ckpts / 'last.ckpt'}: not a complete checkpoint" in m for m in messages)
     assert any(f"skipping {ckpts / 'weights_only.ckpt'}: not a training checkpoint" in m for m in messages)
     assert find_resume_checkpoint(tmp_path / "nothing_here") is None
+    assert resolve_ckpt_path("auto", tmp_path / "nothing_here") is None  # a first start
+    assert resolve_ckpt_path("some/file.ckpt", tmp_path) == "some/file.ckpt"
+    with pytest.warns(UserWarning):
+        assert resolve_ckpt_path(f"auto:{tmp_path}", "unused") == str(ckpts / "step_00000003.ckpt")
+    with pytest.raises(FileNotFoundError, match="ckpt_path=auto:/no/such/run: no such folder"):
+        resolve_ckpt_path("auto:/no/such/run", tmp_path)
 
 
 def test_a_kill_during_a_save_never_leaves_a_truncated_checkpoint(tmp_path):
