@@ -5,14 +5,19 @@
         'pipeline.stages.code_predictor.overrides=["model.autoencoder=/weights/vqgan.safetensors"]'
     codeformer-train experiment=quickstart        # the same machinery at tiny size, plus an evaluation
 
-``pipeline.stages`` is an ordered mapping ``name -> {experiment, weights_from, overrides}``. Each
-stage is composed exactly as ``codeformer-train experiment=<experiment>`` would be, with
+``pipeline.stages`` is an ordered mapping ``name -> {experiment, weights_from, discriminator_from,
+overrides}``. Each stage is composed exactly as ``codeformer-train experiment=<experiment>`` would be,
+with
 
 * every override of this command except ``experiment=``, ``pipeline.*``, ``task_name=`` and
   ``ckpt_path=`` (resume one stage through its ``overrides``) (so
   ``trainer=ddp trainer.devices=8`` or ``trainer.max_steps=2`` reach every stage),
 * ``<key>=<export_path of stage>`` for each ``stage: key`` of ``weights_from`` whose stage ran
   (e.g. ``{vqgan: model.autoencoder}``),
+* ``<key>=<discriminator the stage exported>`` for each ``stage: key`` of ``discriminator_from``
+  whose stage ran and exported one (``{vqgan: model.discriminator_from}``: the published stage III
+  starts from stage I's discriminator, see
+  :func:`~codeformer_lightning.training.callbacks.discriminator_export_path`),
 * the stage's own ``overrides`` list (they win),
 
 and trains in ``<run>/<stage name>/``. ``pipeline.evaluate`` (optional) is then called with
@@ -31,6 +36,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from .train import save_resolved_config, train
+from .training.callbacks import discriminator_export_path
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,9 @@ def stage_overrides(
     for source, key in (stage.get("weights_from") or {}).items():
         if source in exports:
             overrides.append(f"{key}={quote(exports[source])}")
+    for source, key in (stage.get("discriminator_from") or {}).items():
+        if source in exports and discriminator_export_path(exports[source]).is_file():
+            overrides.append(f"{key}={quote(discriminator_export_path(exports[source]))}")
     overrides.extend(stage.get("overrides") or [])
     return overrides
 

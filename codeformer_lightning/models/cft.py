@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ..checkpoints import CheckpointError, load_pretrained, load_state_strict, save_weights
-from ..losses import LPIPS, VQGANLoss
+from ..losses import LPIPS, SettingNames, VQGANLoss
 from ..nn import CodeFormer, PatchDiscriminator
 from ..training import EMA, log_image_grid
 from ..training.nonfinite import NonFiniteGuard, RunningStats, skip_update
@@ -42,6 +42,82 @@ def _w_key(w: float) -> str:
     return f"w{w:g}"
 
 
+#: what ``discriminator_from`` takes for a discriminator that starts from random weights
+RANDOM_DISCRIMINATOR = "random"
+
+
+def _schedules(
+    fidelity_schedule, small_degradation_every, train_encoder: bool, train_transformer: bool
+) -> tuple[StepTable, DegradationMix]:
+    """The w schedule and the degradation mix, checked (w >= 0; large steps need a trained code path)."""
+    fidelity, mix = StepTable.of(fidelity_schedule), DegradationMix(small_degradation_every)
+    if any(float(w) < 0 for w in fidelity.values):
+        raise ValueError(
+            f"training fidelity weights must be >= 0, got fidelity_schedule={fidelity.as_list()}"
+        )
+    if not (train_encoder or train_transformer) and not mix.never_large():
+        raise ValueError(
+            "large-degradation steps train only the code path, but train_encoder and train_transformer are both "
+            "off: set small_degradation_every=1 or train one of them"
+        )
+    return fidelity, mix
+
+
+def _validation_fidelities(val_fidelities: Sequence[float]) -> list[float]:
+    values = [float(w) for w in val_fidelities]
+    if any(not 0.0 <= w <= 1.0 for w in values):
+        raise ValueError(f"validation fidelity weights must lie in [0, 1], got val_fidelities={values}")
+    return values
+
+
+def _build_discriminator(
+    discriminator: PatchDiscriminator | None, source: str | None, gan_weight: float
+) -> PatchDiscriminator | None:
+    """The discriminator to train: loaded from ``source`` (a weight file), ``discriminator`` as it is
+    (``source == "random"``), or None (no GAN term). A GAN term without a stated start is an error:
+    the published stage III starts from the stage I discriminator."""
+    if source == RANDOM_DISCRIMINATOR:
+        if discriminator is None:
+            raise ValueError("discriminator_from=random needs a discriminator to start (model.discriminator)")
+        return discriminator
+    if not source:
+        if discriminator is not None and gan_weight > 0:
+            raise ValueError(
+                "model.discriminator_from is not set: the published stage III starts its discriminator from stage "
+                "I's, which stage I exports next to its weights (<run>/weights/vqgan_discriminator.safetensors; "
+                "codeformer-pipeline passes it on). Set model.discriminator_from=/path/to/vqgan_discriminator"
+                ".safetensors (or the published vqgan_discriminator.pth), or model.discriminator_from=random to "
+                "start from random weights (as the published inpainting recipe does)"
+            )
+        return discriminator
+    loaded = load_pretrained(source)
+    if type(loaded) is not PatchDiscriminator:
+        raise CheckpointError(
+            f"{source}: holds a {type(loaded).__name__}, but discriminator_from= expects PatchGAN discriminator "
+            "weights (e.g. vqgan_discriminator.pth or a stage I discriminator export)"
+        )
+    if discriminator is None:
+        return loaded.train()
+    load_state_strict(discriminator, loaded.state_dict(), str(source))
+    return discriminator
+
+
+def _build_lpips(
+    weight: float, weights: str | None, heads: str | None, uniform_heads: bool, imagenet_prenorm: bool
+) -> LPIPS | None:
+    """The LPIPS of the loss (``weight > 0``) and of the validation metric (whenever VGG16 weights
+    are given): one instance, the metric calls it with the standard input handling."""
+    if weight <= 0 and not weights:
+        return None
+    names = SettingNames(
+        weights="model.perceptual_weights",
+        heads="model.perceptual_linear_weights",
+        uniform_heads="model.perceptual_uniform_heads",
+        off="model.perceptual_weight=0" if weight > 0 else "model.perceptual_weights=null",
+    )
+    return LPIPS(weights, heads, imagenet_prenorm, uniform_heads=uniform_heads, names=names)
+
+
 class CFTModule(StageModule):
     """Stage III: trains the fusion blocks (and, by default, encoder and Transformer) with w > 0.
 
@@ -67,7 +143,7 @@ class CFTModule(StageModule):
 
     Args:
         net: the CodeFormer (architecture of the stage II weights).
-        discriminator: PatchGAN; None (and no ``discriminator_from``) trains without GAN loss.
+        discriminator: PatchGAN; None (and no ``discriminator_from`` file) trains without GAN loss.
         optimizer, d_optimizer: ``params -> Optimizer`` (Hydra ``_partial_: true``); default Adam
             lr 5e-5, betas (0.9, 0.99) as published.
         scheduler: ``optimizer -> LRScheduler`` for both optimisers, stepped every step (published:
@@ -77,8 +153,11 @@ class CFTModule(StageModule):
         autoencoder: stage I weights (export or ``vqgan_code1024.pth``): the frozen target encoder;
             without ``init_from`` also copied into ``net`` (single-stage training, as the published
             inpainting model). Needed unless every batch has ``"codes"``.
-        discriminator_from: discriminator weights (``params_d`` of ``vqgan_discriminator.pth`` or
-            our export); builds the discriminator when ``discriminator`` is None.
+        discriminator_from: where the discriminator starts: a weight file (stage I's export
+            ``<run>/weights/vqgan_discriminator.safetensors``, ``params_d`` of the published
+            ``vqgan_discriminator.pth``; it builds the discriminator when ``discriminator`` is None)
+            or ``"random"`` (``discriminator`` as given). Required whenever a discriminator trains:
+            the published stage III starts from a trained one, a random start must be chosen.
         train_encoder, train_transformer, train_generator: which parts train besides the fusion
             blocks (published: True, True, False). The codebook never trains.
         fidelity_schedule: w per step range, ``[[start_step, w], ...]`` or a number (w may exceed 1
@@ -87,9 +166,11 @@ class CFTModule(StageModule):
             :class:`~codeformer_lightning.models.schedules.DegradationMix` (published
             ``[[0, 1], [80000, 0], [120000, 15]]``; 1 = small degradations only).
         l1_weight, perceptual_weight, gan_weight: published 1.0, 1.0, 0.1.
-        perceptual_weights, perceptual_linear_weights, perceptual_imagenet_prenorm: LPIPS files and
-            input handling (see :class:`~codeformer_lightning.losses.LPIPS`); needed when
-            ``perceptual_weight > 0``; when given, validation also logs LPIPS per w.
+        perceptual_weights, perceptual_linear_weights, perceptual_imagenet_prenorm,
+        perceptual_uniform_heads: LPIPS files (heads: None = the published v0.1 heads shipped with
+            the package) and input handling (see :class:`~codeformer_lightning.losses.LPIPS`); the
+            VGG16 file is needed when ``perceptual_weight > 0``. One LPIPS serves the loss and the
+            validation LPIPS per w (standard input handling), logged whenever an LPIPS is built.
         disc_start_step: first step with GAN loss and discriminator updates (published 5001).
         ce_weight, feat_weight: published 0.5, 1.0.
         ema_decay: published 0.997.
@@ -131,6 +212,7 @@ class CFTModule(StageModule):
         perceptual_weights: str | None = None,
         perceptual_linear_weights: str | None = None,
         perceptual_imagenet_prenorm: bool = True,
+        perceptual_uniform_heads: bool = False,
         gan_weight: float = 0.1,
         disc_start_step: int = 5001,
         ce_weight: float = 0.5,
@@ -142,56 +224,39 @@ class CFTModule(StageModule):
         max_nonfinite_steps: int | None = 20,
     ) -> None:
         super().__init__()
-        self.fidelity = StepTable.of(fidelity_schedule)
-        self.mix = DegradationMix(small_degradation_every)
+        self.fidelity, self.mix = _schedules(
+            fidelity_schedule, small_degradation_every, train_encoder, train_transformer
+        )
         # plain containers in the saved hyperparameters (checkpoints load with weights_only=True)
         fidelity_schedule = self.fidelity.as_list()
         small_degradation_every = self.mix.small_every.as_list()
-        val_fidelities = [float(w) for w in val_fidelities]
-        bad_w = [w for w in self.fidelity.values if float(w) < 0]
-        if bad_w or any(not 0.0 <= w <= 1.0 for w in val_fidelities):
-            raise ValueError(
-                f"fidelity weights must be >= 0 (training) and in [0, 1] (validation): got {fidelity_schedule} and "
-                f"val_fidelities={val_fidelities}"
-            )
-        if not (train_encoder or train_transformer) and not self.mix.never_large():
-            raise ValueError(
-                "large-degradation steps train only the code path, but train_encoder and train_transformer are both "
-                "off: set small_degradation_every=1 or train one of them"
-            )
+        val_fidelities = _validation_fidelities(val_fidelities)
         self.save_hyperparameters(
             logger=False, ignore=["net", "discriminator", "optimizer", "d_optimizer", "scheduler"]
         )
         self.automatic_optimization = False
 
-        self.targets: CodeTargetEncoder | None = None
-        if autoencoder:
-            stage1 = load_autoencoder(autoencoder)
-            if not init_from:
-                copy_autoencoder(net, stage1, str(autoencoder))
-            self.targets = CodeTargetEncoder(stage1)
-        if init_from:
-            load_codeformer(net, init_from)
-        self.net = net
+        self.net, self.targets = net, self._load_weights(net, init_from, autoencoder)
         self._set_trainable(train_encoder, train_transformer, train_generator)
-        self.discriminator = self._build_discriminator(discriminator, discriminator_from)
-
+        self.discriminator = _build_discriminator(discriminator, discriminator_from, gan_weight)
+        # one frozen VGG16 for the loss (published input handling) and the standard LPIPS metric
+        self.lpips = _build_lpips(
+            perceptual_weight, perceptual_weights, perceptual_linear_weights, perceptual_uniform_heads,
+            perceptual_imagenet_prenorm,
+        )  # fmt: skip
         self.image_loss = VQGANLoss(
             pixel_weight=l1_weight,
             perceptual_weight=perceptual_weight,
             codebook_weight=0.0,
             gan_weight=gan_weight,
-            perceptual_weights_path=perceptual_weights,
-            perceptual_linear_weights_path=perceptual_linear_weights,
-            perceptual_imagenet_prenorm=perceptual_imagenet_prenorm,
+            perceptual=self.lpips,
         )
         self.optimizer_factory = optimizer or _published_stage3_adam
         self.d_optimizer_factory = d_optimizer or _published_stage3_adam
         self.scheduler_factory = scheduler
         self.ema = EMA(net, ema_decay)
 
-        # the LPIPS *metric* is the standard one, whatever input handling the loss uses
-        self.lpips = LPIPS(perceptual_weights, perceptual_linear_weights) if perceptual_weights else None
+        # validation metrics per w
         keys = [_w_key(w).replace(".", "_") for w in val_fidelities]  # ModuleDict keys cannot hold dots
         self.val_psnr = nn.ModuleDict({k: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)) for k in keys})
         self.val_ssim = nn.ModuleDict({k: StructuralSimilarityIndexMeasure(data_range=1.0) for k in keys})
@@ -213,21 +278,20 @@ class CFTModule(StageModule):
         net.quantize.requires_grad_(False)
 
     @staticmethod
-    def _build_discriminator(
-        discriminator: PatchDiscriminator | None, path: str | None
-    ) -> PatchDiscriminator | None:
-        if not path:
-            return discriminator
-        loaded = load_pretrained(path)
-        if type(loaded) is not PatchDiscriminator:
-            raise CheckpointError(
-                f"{path}: holds a {type(loaded).__name__}, but discriminator_from= expects PatchGAN discriminator "
-                "weights (e.g. vqgan_discriminator.pth or a stage I discriminator)"
-            )
-        if discriminator is None:
-            return loaded.train()
-        load_state_strict(discriminator, loaded.state_dict(), str(path))
-        return discriminator
+    def _load_weights(
+        net: CodeFormer, init_from: str | None, autoencoder: str | None
+    ) -> CodeTargetEncoder | None:
+        """Load ``init_from`` (stage II) into ``net``, or without it the stage I ``autoencoder`` (a
+        single-stage start); return the frozen stage I target encoder (None without ``autoencoder``)."""
+        targets = None
+        if autoencoder:
+            stage1 = load_autoencoder(autoencoder)
+            if not init_from:
+                copy_autoencoder(net, stage1, str(autoencoder))
+            targets = CodeTargetEncoder(stage1)
+        if init_from:
+            load_codeformer(net, init_from)
+        return targets
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -377,7 +441,7 @@ class CFTModule(StageModule):
             self.log(f"val/ssim_{name}", self.val_ssim[key], on_epoch=True, batch_size=n)
             self.log(f"val/l1_{name}", self.val_l1[key], on_epoch=True, batch_size=n)
             if self.lpips is not None:
-                self.val_lpips[key](self.lpips(image, gt))
+                self.val_lpips[key](self.lpips(image, gt, imagenet_prenorm=False))
                 self.log(f"val/lpips_{name}", self.val_lpips[key], on_epoch=True, batch_size=n)
         if batch_idx == 0 and self.trainer.is_global_zero and self.loggers:
             caption = " | ".join(["input", *(f"w={w:g}" for w in self.hparams.val_fidelities), "target"])

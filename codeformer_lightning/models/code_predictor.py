@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from ..checkpoints import CheckpointError, load_pretrained, load_state_strict, save_weights
-from ..losses import LPIPS
+from ..losses import LPIPS, SettingNames
 from ..nn import CodeFormer, VQAutoEncoder
 from ..training import EMA, log_image_grid
 from ..training.nonfinite import NonFiniteGuard, skip_update
@@ -134,6 +134,15 @@ def target_codes(
     return codes
 
 
+#: the config keys of the validation LPIPS, for the hints of its error messages
+_LPIPS_SETTINGS = SettingNames(
+    weights="model.perceptual_weights",
+    heads="model.perceptual_linear_weights",
+    uniform_heads=None,
+    off="model.perceptual_weights=null",
+)
+
+
 def _published_stage2_adam(params: Iterable[nn.Parameter]) -> Optimizer:
     return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.99))
 
@@ -210,7 +219,9 @@ class CodePredictorModule(StageModule):
         self.optimizer_factory = optimizer or _published_stage2_adam
         self.scheduler_factory = scheduler
         self.ema = EMA(net, ema_decay)
-        self.lpips = LPIPS(perceptual_weights, perceptual_linear_weights) if perceptual_weights else None
+        self.lpips = None
+        if perceptual_weights:
+            self.lpips = LPIPS(perceptual_weights, perceptual_linear_weights, names=_LPIPS_SETTINGS)
         self.val_acc = MulticlassAccuracy(num_classes=net.quantize.codebook_size, average="micro")
         self.val_ce = MeanMetric()
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))

@@ -349,3 +349,8 @@ class VQGANModule(StageModule):
     def export(self, path: str | Path) -> Path:
         """Write the EMA autoencoder as ``.safetensors`` (read by :func:`load_pretrained`, used by stage II)."""
         return save_weights(self.ema.module, path)
+
+    def export_discriminator(self, path: str | Path) -> Path | None:
+        """Write the discriminator as ``.safetensors`` (the published stage III starts from it:
+        ``model.discriminator_from``); None without a discriminator."""
+        return None if self.discriminator is None else save_weights(self.discriminator, path)

@@ -64,11 +64,13 @@ def test_quickstart_pipeline_runs_offline_and_writes_checkpoints_grid_and_metric
     run = _only_run(tmp_path / "outputs" / "quickstart")
     for stage, net_class in (("vqgan", VQAutoEncoder), ("code_predictor", CodeFormer), ("cft", CodeFormer)):
         assert (run / stage / "checkpoints" / "last.ckpt").is_file(), stage
-        weights = next((run / stage / "weights").glob("*.safetensors"))
+        weights = run / stage / "weights" / f"quickstart_{stage}.safetensors"
         assert type(load_pretrained(weights)) is net_class
         assert (run / stage / "config.yaml").is_file()
     cfg = yaml.safe_load((run / "cft" / "config.yaml").read_text())
     assert cfg["model"]["init_from"].endswith("code_predictor.safetensors")  # stages hand over by path
+    # stage III starts its discriminator from stage I's export, as the published recipe
+    assert cfg["model"]["discriminator_from"].endswith("vqgan/weights/quickstart_vqgan_discriminator.safetensors")
     assert (run / "grid.png").stat().st_size > 1000
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["restoration"] for r in rows] == ["input", "w0", "w0.5", "w1"]

@@ -93,6 +93,7 @@ def make_cft(stage1, stage2, lr: float = 1e-3, disc: bool = True, **kwargs) -> C
     opt = partial(torch.optim.Adam, lr=lr, betas=(0.9, 0.99))
     kwargs.setdefault("perceptual_weight", 0.0)
     kwargs.setdefault("ema_decay", 0.9)
+    kwargs.setdefault("discriminator_from", "random" if disc else None)
     return CFTModule(
         CodeFormer(**CF), PatchDiscriminator(**DISC) if disc else None, optimizer=opt, d_optimizer=opt,
         init_from=str(stage2), autoencoder=str(ae_path), **kwargs,
@@ -294,7 +295,8 @@ def test_inpainting_variant_ignores_the_mask(synthetic_faces, make_trainer, loss
 
     def run(with_mask: bool):
         torch.manual_seed(0)
-        module = CFTModule(CodeFormer(**cfg), PatchDiscriminator(**DISC), autoencoder=str(ae_path), perceptual_weight=0.0,
+        module = CFTModule(CodeFormer(**cfg), PatchDiscriminator(**DISC), discriminator_from="random",
+                           autoencoder=str(ae_path), perceptual_weight=0.0,
                            fidelity_schedule=1.0, small_degradation_every=1, val_fidelities=(1.0,), disc_start_step=1)
         rec = type(loss_recorder)()
         batch = tensors if with_mask else {k: v for k, v in tensors.items() if k != "mask"}

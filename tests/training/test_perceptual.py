@@ -9,9 +9,13 @@ see ``tests/reference_packages.py``) given the same random VGG weights and heads
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from random_weights import random_vgg16_state
 from reference_packages import import_reference
 
@@ -204,3 +208,76 @@ def test_vqgan_loss_perceptual_term_and_no_checkpoint_bloat(weight_files):
     total.backward()
     assert recon.grad is not None and logs["perceptual"] > 0
     assert VQGANLoss(perceptual_weight=0).perceptual is None  # no weights needed at all
+
+
+def test_stage3_shares_one_vgg_between_loss_and_metric(weight_files, tiny_cf_config):
+    from codeformer_lightning.models.cft import CFTModule
+    from codeformer_lightning.nn import CodeFormer
+
+    module = CFTModule(CodeFormer(**tiny_cf_config), perceptual_weight=1.0, perceptual_weights=str(weight_files[0]))
+    lpips_modules = {id(m) for m in module.modules() if isinstance(m, LPIPS)}
+    assert len(lpips_modules) == 1 and module.image_loss.perceptual is module.lpips
+    assert module.lpips.imagenet_prenorm  # the loss: published input handling
+    # the metric: the standard LPIPS, as a separately built standard instance computes it
+    x, y = _images(2, seed=8), _images(2, seed=9)
+    standard = LPIPS(weight_files[0])
+    torch.testing.assert_close(module.lpips(x, y, imagenet_prenorm=False), standard(x, y))
+    assert not torch.allclose(module.lpips(x, y), standard(x, y))
+    # the loss term is the published-input LPIPS
+    _, logs = module.image_loss.generator_loss(y, x, torch.zeros(()))
+    torch.testing.assert_close(logs["perceptual"], LPIPS(weight_files[0], imagenet_prenorm=True)(x, y).mean())
+
+
+# ----------------------------------------------------------------------------- hints name real keys
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("codeformer_lightning.conf", version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _build(what: str, *overrides: str):
+    """Instantiate ``model.loss`` or ``model`` of a composed config (the error it raises, if any)."""
+    cfg = _compose(*overrides)
+    try:
+        instantiate(cfg.model.loss if what == "loss" else cfg.model)
+    except Exception as exc:  # Hydra wraps the module's error; its text is what the user sees
+        return str(exc)
+    return None
+
+
+#: per stage: the experiment its hints are for, how to build its LPIPS cheaply (the tiny experiment
+#: has the same `model.*` keys), and the overrides that enable LPIPS there
+_STAGES = {
+    "vqgan": ("loss", "experiment=vqgan", "model.loss.perceptual_weights_path={vgg}",
+              "model.loss.perceptual_linear_weights_path={heads}"),
+    "code_predictor": ("model", "experiment=quickstart_code_predictor", "model.perceptual_weights={vgg}",
+                       "model.perceptual_linear_weights={heads}"),
+    "cft": ("model", "experiment=quickstart_cft", "model.perceptual_weights={vgg}",
+            "model.perceptual_linear_weights={heads}", "model.perceptual_weight=1.0",
+            "model.discriminator_from=random"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", list(_STAGES))
+def test_every_lpips_hint_names_overrides_that_the_stage_config_accepts(stage, tmp_path, weight_files, monkeypatch):
+    what, tiny, *enable = _STAGES[stage]
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    cases = {  # (VGG file, heads file): the problems each hint is for
+        "missing VGG": (tmp_path / "nope.pth", "null"),
+        "wrong VGG layout": (tmp_path / "other.pth", "null"),
+        "missing heads": (weight_files[0], tmp_path / "nope_heads.pth"),
+        "wrong heads layout": (weight_files[0], tmp_path / "other.pth"),
+        "missing shipped heads": (weight_files[0], "null"),
+    }
+    monkeypatch.setattr(perceptual, "BUNDLED_HEADS", tmp_path / "gone.safetensors")
+    for case, (vgg, heads) in cases.items():
+        message = _build(what, tiny, *(o.format(vgg=vgg, heads=heads) for o in enable))
+        assert message is not None, f"{stage}, {case}: no error"
+        hints = re.findall(r"`([\w.]+=[^`]*)`", message)
+        assert hints, f"{stage}, {case}: the message names no setting: {message}"
+        for hint in hints:
+            assert hint.startswith("model."), f"{stage}, {case}: {hint} is not a config key ({message})"
+            _compose(f"experiment={stage}", hint)  # raises (e.g. "not in struct") if the key does not exist
