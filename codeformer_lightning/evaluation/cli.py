@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..inference.tasks import TASKS, TaskError
 from .images import PairingError
 from .metrics import ALL_METRICS, EvaluationConfig, evaluate_folders, evaluate_model
 from .report import write_report
@@ -42,10 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ws",
         type=float,
         nargs="+",
-        default=[0.5],
-        help="fidelity weight(s) w in [0, 1] to restore at (with --weights); default 0.5",
+        default=None,
+        help="fidelity weight(s) w in [0, 1] to restore at (with --weights); default: the task's published "
+        "value (0.5 restoration, 0 colorization, 1 inpainting)",
     )
     src.add_argument("--no-adain", action="store_true", help="restore without AdaIN colour correction")
+    src.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="with --weights: the published inference to apply (default: the weights' variant)",
+    )
+    src.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        metavar="FILE|FOLDER",
+        help="inpainting masks (white = filled pixels), one file or a folder matched by name: adds PSNR/SSIM "
+        "inside the mask. With inpainting --weights the default is the LQ faces' pure-white pixels",
+    )
     src.add_argument("--batch-size", type=int, default=4, help="faces per restoration batch (default 4)")
     src.add_argument(
         "--save-restored", action="store_true", help="also write restored PNGs to OUT/restored/w_<w>/"
@@ -99,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --restored DIR, or --weights FILE with --lq DIR")
     if args.weights is not None and args.lq is None:
         parser.error("--weights needs --lq DIR (the low-quality faces to restore)")
-    if args.weights is None and (args.lq is not None or args.ws != [0.5]):
-        parser.error("--lq and -w only apply with --weights")
-    if any(not 0.0 <= w <= 1.0 for w in args.ws):
+    if args.weights is None and (args.lq is not None or args.ws is not None or args.task is not None):
+        parser.error("--lq, -w and --task only apply with --weights")
+    if any(not 0.0 <= w <= 1.0 for w in args.ws or []):
         parser.error(f"fidelity weights must lie in [0, 1], got {args.ws}")
     config = EvaluationConfig(
         metrics=args.metrics,
@@ -125,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                     args.gt,
                     args.ws,
                     config,
-                    adain=not args.no_adain,
+                    adain=False if args.no_adain else None,
+                    task=args.task,
+                    masks=args.mask,
                     batch_size=args.batch_size,
                     save_dir=args.out / "restored" if args.save_restored else None,
                 )
@@ -133,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"codeformer-evaluate: {exc}", file=sys.stderr)
                 return 2
         else:
-            results = [evaluate_folders(args.restored, args.gt, config)]
-    except (PairingError, FileNotFoundError) as exc:
+            results = [evaluate_folders(args.restored, args.gt, config, masks=args.mask)]
+    except (PairingError, FileNotFoundError, TaskError) as exc:  # TaskError: a --mask that does not fit
         print(f"codeformer-evaluate: {exc}", file=sys.stderr)
         return 2
     written = write_report(results, args.out, args.plot_backend)

@@ -11,6 +11,12 @@ numbers and reported with a message naming the file or flag it needs; the other 
 
 Library entry points: :func:`evaluate_folders` (paired folders) and :func:`evaluate_model`
 (restore a folder of LQ faces at several fidelity values ``w`` and evaluate each).
+
+Inpainting: pairs that come with a mask (the pixels the network filled) also get PSNR and SSIM
+inside the mask only (:data:`MASKED_METRICS`): outside it an inpainting output equals its input,
+so the whole-image numbers mostly measure the untouched pixels. ``evaluate_model`` follows the
+weights' variant (:mod:`codeformer_lightning.inference.tasks`): its published ``w`` and AdaIN and,
+for inpainting, the published mask (the LQ's pure-white pixels) and composite.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..inference.tasks import MaskSource, Task, TaskError, composite_tensor, override_note, task_of_model
 from ..io import BadImageError, write_image
 from .arcface import ARCFACE_HELP, IResNet, identity_similarity, load_arcface
 from .images import load_image, pair_folders, resize_to, to_uint8
@@ -42,6 +49,8 @@ PSNR_CAP = 100.0
 #: Set-level metrics: one number per run, no per-image value.
 SET_METRICS = ("fid",)
 LOWER_IS_BETTER = {"lpips", "fid", "landmarks"}
+#: Inside-the-mask versions of these metrics, reported for pairs that come with an inpainting mask.
+MASKED_METRICS = {"psnr": "psnr_mask", "ssim": "ssim_mask"}
 
 FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_WEIGHTS_FILE}"
@@ -101,6 +110,31 @@ def ssim(restored: torch.Tensor, gt: torch.Tensor, y_channel: bool = False) -> t
         restored.float(), gt.float(), data_range=1.0, reduction="none"
     )
     return value.float().reshape(-1)
+
+
+def masked_psnr(restored: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, y_channel: bool = False) -> torch.Tensor:
+    """PSNR over the pixels where ``mask`` ``(B, 1, H, W)`` bool is set, ``(B,)`` in dB (at most
+    :data:`PSNR_CAP`; NaN for an empty mask). Images as for :func:`psnr`."""
+    if y_channel:
+        restored, gt = rgb_to_y(restored), rgb_to_y(gt)
+    weight = mask.to(torch.float64).expand_as(restored)
+    squared = (restored.double() - gt.double()).pow(2) * weight
+    mse = squared.sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))
+    return (10 * torch.log10(1.0 / mse)).nan_to_num(posinf=PSNR_CAP, nan=float("nan")).clamp(max=PSNR_CAP).float()
+
+
+def masked_ssim(restored: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, y_channel: bool = False) -> torch.Tensor:
+    """SSIM averaged over the pixels where ``mask`` ``(B, 1, H, W)`` bool is set, ``(B,)`` (NaN for an
+    empty mask): the same local SSIM map as :func:`ssim`, whose plain mean is the whole-image value."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if y_channel:
+        restored, gt = rgb_to_y(restored), rgb_to_y(gt)
+    _, local = structural_similarity_index_measure(
+        restored.float(), gt.float(), data_range=1.0, reduction="none", return_full_image=True
+    )
+    weight = mask.to(local.dtype).expand_as(local)
+    return ((local * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))).float()
 
 
 def _largest_face(faces: Sequence[Any]) -> Any | None:
@@ -328,8 +362,12 @@ class MetricSuite:
         self.detector = detector
 
     # ------------------------------------------------------------------------- evaluation
-    def _pair(self, name: str, restored: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bring ``restored`` ``(1,3,h,w)`` to ``gt``'s size per ``size_mismatch``."""
+    def _pair(self, name: str, restored: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Bring ``restored`` ``(1,3,h,w)`` (and its ``mask`` ``(1,1,h,w)``) to ``gt``'s size per ``size_mismatch``."""
+        if mask is not None and mask.shape[-2:] != restored.shape[-2:]:
+            raise BadImageError(name, f"mask is {mask.shape[-1]}x{mask.shape[-2]}, the restored image "
+                                      f"{restored.shape[-1]}x{restored.shape[-2]}")
         if restored.shape[-2:] != gt.shape[-2:]:
             got, want = tuple(restored.shape[-2:]), tuple(gt.shape[-2:])
             if self.config.size_mismatch == "error":
@@ -339,11 +377,15 @@ class MetricSuite:
                 stacklevel=3,
             )
             restored = resize_to(restored, want)
-        return restored, gt
+            if mask is not None:
+                mask = torch.nn.functional.interpolate(mask.float(), size=want, mode="nearest").bool()
+        return restored, gt, mask
 
     @torch.inference_mode()
-    def _measure(self, restored: torch.Tensor, gt: torch.Tensor) -> dict[str, float | None]:
-        """One pair ``(1,3,H,W)`` in [0, 1] -> per-image values; feeds FID's running statistics."""
+    def _measure(self, restored: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None
+                 ) -> dict[str, float | None]:
+        """One pair ``(1,3,H,W)`` in [0, 1] (``mask`` ``(1,1,H,W)`` bool: also the inside-the-mask
+        metrics) -> per-image values; feeds FID's running statistics."""
         y = self.config.y_channel
         wanted = set(self.metrics)
         values: dict[str, float | None] = {}
@@ -351,6 +393,12 @@ class MetricSuite:
             values["psnr"] = float(psnr(restored, gt, y)[0])
         if "ssim" in wanted:
             values["ssim"] = float(ssim(restored, gt, y)[0])
+        if mask is not None:
+            inside = {"psnr": masked_psnr, "ssim": masked_ssim}
+            for metric, name in MASKED_METRICS.items():
+                if metric in wanted:
+                    value = float(inside[metric](restored, gt, mask, y)[0])
+                    values[name] = None if math.isnan(value) else value
         if self.lpips is not None:
             values["lpips"] = float(
                 self.lpips(restored.to(self.device) * 2 - 1, gt.to(self.device) * 2 - 1)[0]
@@ -378,27 +426,34 @@ class MetricSuite:
         """Evaluate one run.
 
         ``pairs``: ``(name, load)`` where ``load()`` returns ``(restored, gt)`` as ``(1,3,H,W)`` float
-        in [0, 1] or raises BadImageError; a failing pair is recorded in ``failed`` and skipped.
+        in [0, 1], or ``(restored, gt, mask)`` with an inpainting ``mask`` ``(1,1,H,W)`` bool (then also
+        :data:`MASKED_METRICS`), or raises BadImageError; a failing pair is recorded in ``failed``
+        and skipped.
         """
         result = EvaluationResult(
             label=label, metrics=list(self.config.metrics), w=w, unavailable=dict(self.unavailable)
         )
         if self.fid is not None:
             self.fid.reset()
+        masked = [MASKED_METRICS[m] for m in self.metrics if m in MASKED_METRICS]
         for name, load in pairs:
             try:
-                restored, gt = self._pair(name, *load())
+                restored, gt, mask = self._pair(name, *load())
             except BadImageError as exc:
                 result.failed[name] = str(exc)
                 warnings.warn(f"skipped {name}: {exc}", stacklevel=2)
                 continue
-            values = self._measure(restored, gt)
-            result.per_image[name] = {m: values.get(m) for m in self.metrics if m not in SET_METRICS}
+            values = self._measure(restored, gt, mask)
+            if mask is not None:
+                result.metrics += [m for m in masked if m not in result.metrics]
+            reported = self.metrics + [m for m in masked if m in result.metrics]
+            result.per_image[name] = {m: values.get(m) for m in reported if m not in SET_METRICS}
         self._summarise(result)
         return result
 
     def _summarise(self, result: EvaluationResult) -> None:
-        for metric in self.metrics:
+        masked = [m for m in MASKED_METRICS.values() if m in result.metrics]
+        for metric in self.metrics + masked:
             if metric in SET_METRICS:
                 continue
             vals = [v[metric] for v in result.per_image.values() if v.get(metric) is not None]
@@ -418,18 +473,29 @@ class MetricSuite:
                     result.notes.append(
                         f"fid: computed from {n} images; FID is biased upwards for small sets (use >= 2048 when comparing)"
                     )
-        # keep table order: metrics with a mean first in ALL_METRICS order
+        # keep table order: metrics with a mean first in ALL_METRICS order, the inside-the-mask ones last
         result.mean = {m: result.mean.get(m) for m in result.metrics if m in result.mean}
 
 
 # ----------------------------------------------------------------------------- entry points
-def _folder_pairs(restored_dir: str | Path, gt_dir: str | Path):
+def _folder_pairs(restored_dir: str | Path, gt_dir: str | Path, masks: MaskSource | None = None):
     for name, restored_path, gt_path in pair_folders(restored_dir, gt_dir):
 
-        def load(rp: Path = restored_path, gp: Path = gt_path) -> tuple[torch.Tensor, torch.Tensor]:
-            return load_image(rp), load_image(gp)
+        def load(rp: Path = restored_path, gp: Path = gt_path) -> tuple[torch.Tensor, ...]:
+            restored, gt = load_image(rp), load_image(gp)
+            if masks is None:
+                return restored, gt
+            return restored, gt, _mask_tensor(masks, rp, restored.shape[-2:])
 
         yield name, load
+
+
+def _mask_tensor(masks: MaskSource, source: Path, size: Sequence[int]) -> torch.Tensor:
+    """The mask of ``source`` as ``(1, 1, H, W)`` bool; a missing or unfit mask fails only this pair."""
+    try:
+        return torch.from_numpy(masks.mask_for(source, (int(size[0]), int(size[1]))))[None, None]
+    except TaskError as exc:
+        raise BadImageError(source, str(exc)) from None
 
 
 def evaluate_folders(
@@ -437,6 +503,7 @@ def evaluate_folders(
     gt_dir: str | Path,
     config: EvaluationConfig | None = None,
     *,
+    masks: str | Path | None = None,
     detector: Any = None,
     fid_feature: nn.Module | None = None,
     suite: MetricSuite | None = None,
@@ -444,10 +511,13 @@ def evaluate_folders(
 ) -> EvaluationResult:
     """Evaluate restored images against ground truth, matched by file stem.
 
-    Raises PairingError listing unmatched names. Unreadable images are recorded in
-    ``result.failed``; metrics without weights in ``result.unavailable``.
+    ``masks``: inpainting masks (a file for every image, or a folder matched by stem; white = the
+    filled pixels): the pairs then also get :data:`MASKED_METRICS`. Raises PairingError listing
+    unmatched names. Unreadable images are recorded in ``result.failed``; metrics without weights
+    in ``result.unavailable``.
     """
-    pairs = list(_folder_pairs(restored_dir, gt_dir))  # pair first: a naming error surfaces before any work
+    source = MaskSource(masks) if masks is not None else None
+    pairs = list(_folder_pairs(restored_dir, gt_dir, source))  # pair first: a naming error surfaces before any work
     suite = suite or MetricSuite(config or EvaluationConfig(), detector=detector, fid_feature=fid_feature)
     return suite.evaluate(pairs, label=label)
 
@@ -461,10 +531,12 @@ def evaluate_model(
     weights: str | Path | nn.Module,
     lq_dir: str | Path,
     gt_dir: str | Path,
-    ws: Sequence[float] = (0.0, 0.5, 1.0),
+    ws: Sequence[float] | None = None,
     config: EvaluationConfig | None = None,
     *,
-    adain: bool = True,
+    adain: bool | None = None,
+    task: str | None = None,
+    masks: str | Path | None = None,
     batch_size: int = 4,
     save_dir: str | Path | None = None,
     detector: Any = None,
@@ -472,7 +544,11 @@ def evaluate_model(
 ) -> list[EvaluationResult]:
     """Restore the aligned LQ faces in ``lq_dir`` at each fidelity weight ``w``, evaluate each run.
 
-    ``weights``: a CodeFormer weight file (read by ``load_pretrained``) or a CodeFormer module.
+    ``weights``: a CodeFormer weight file (read by ``load_pretrained``) or a CodeFormer module. The
+    published inference of the weights' variant is applied (``task`` overrides): ``ws`` defaults to
+    its ``w`` (restoration 0.5, colorization 0, inpainting 1) and ``adain`` to its AdaIN. Inpainting
+    fills the LQ's pure-white pixels (or ``masks``: a file or a folder matched by stem, white =
+    fill), keeps the other pixels and also reports PSNR/SSIM inside the mask.
     LQ images are resized to the network's ``img_size`` when they differ (with a warning).
     ``save_dir``: also write the restored PNGs to ``save_dir/w_<w>/<name>.png``.
     Returns one :class:`EvaluationResult` per ``w``, labelled ``w=<w>``.
@@ -486,65 +562,101 @@ def evaluate_model(
         raise ValueError(
             f"{weights}: holds a {type(model).__name__}, expected a CodeFormer restoration network"
         )
-    device = torch.device(config.device)
-    model = model.to(device).eval()
+    run = _TaskRun(model, task_of_model(model, task), adain, masks, torch.device(config.device))
+    ws = [run.task.w] if ws is None else [float(w) for w in ws]
+    note = override_note(run.task, ws, run.adain)
     pairs = pair_folders(lq_dir, gt_dir)
     suite = MetricSuite(config, detector=detector, fid_feature=fid_feature)
     results = []
     for w in ws:
         out_dir = Path(save_dir) / f"w_{w:g}" if save_dir is not None else None
-        pairs_at_w = _restored_pairs(model, pairs, float(w), adain, batch_size, device, out_dir)
-        results.append(suite.evaluate(pairs_at_w, label=f"w={w:g}", w=float(w)))
+        pairs_at_w = _restored_pairs(run, pairs, w, batch_size, out_dir)
+        results.append(suite.evaluate(pairs_at_w, label=f"w={w:g}", w=w))
+        if run.task.name != "restoration" or note:
+            results[-1].notes += [f"task {run.task.describe()}"] + ([note] if note else [])
     return results
 
 
+class _TaskRun:
+    """The network with its task's settings: ``(1,3,H,W)`` LQ faces in [0, 1] -> restored in [0, 1]."""
+
+    def __init__(self, model: nn.Module, task: Task, adain: bool | None, masks: str | Path | None,
+                 device: torch.device) -> None:
+        if masks is not None and not task.masked:
+            raise ValueError(f"masks apply to inpainting; the task is {task.name}")
+        self.model = model.to(device).eval()
+        self.task = task
+        self.adain = task.adain if adain is None else bool(adain)
+        self.masks = MaskSource(masks) if masks is not None else None
+        self.device = device
+        self.size = int(model.config["img_size"])
+
+    def load(self, lq_path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LQ face at the network's size and, for inpainting, its mask ``(1,1,S,S)`` bool."""
+        lq = load_image(lq_path)
+        mask = None
+        if self.task.masked:
+            mask = _mask_tensor(self.masks, lq_path, lq.shape[-2:]) if self.masks else (lq == 1).all(1, keepdim=True)
+        if lq.shape[-2:] != (self.size, self.size):
+            warnings.warn(
+                f"{lq_path}: {lq.shape[-1]}x{lq.shape[-2]} resized to the network's {self.size}x{self.size}",
+                stacklevel=3,
+            )
+            lq = resize_to(lq, (self.size, self.size))
+            if mask is not None:
+                mask = torch.nn.functional.interpolate(mask.float(), size=(self.size, self.size)).bool()
+        return lq, mask
+
+    @torch.inference_mode()
+    def restore(self, lq: torch.Tensor, masks: torch.Tensor | None, w: float) -> torch.Tensor:
+        """``lq`` ``(B,3,S,S)`` in [0, 1] -> restored in [0, 1], rounded to 8 bits (the PNG a user saves)."""
+        x = lq.to(self.device) * 2 - 1
+        if masks is not None:  # holes painted white for the network, only they take its output
+            masks = masks.to(self.device)
+            x = composite_tensor(x, torch.ones_like(x), masks)
+        out = self.model(x, w=w, adain=self.adain)
+        if masks is not None:
+            out = composite_tensor(x, out, masks)
+        restored = ((out + 1) / 2).clamp(0, 1).float().cpu()
+        return (restored * 255).round() / 255
+
+
 def _restored_pairs(
-    model: nn.Module,
+    run: _TaskRun,
     pairs: Sequence[tuple[str, Path, Path]],
     w: float,
-    adain: bool,
     batch_size: int,
-    device: torch.device,
     out_dir: Path | None,
-) -> Iterable[tuple[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]]:
+) -> Iterable[tuple[str, Callable[[], tuple[torch.Tensor, ...]]]]:
     """Restore ``(name, lq_path, gt_path)`` in batches, lazily: ``(name, load)`` as :meth:`MetricSuite.evaluate` takes.
 
     Only one batch of restored images is held at a time, so memory does not grow with the folder.
     """
-    size = int(model.config["img_size"])
     for batch in _batches(pairs, batch_size):
-        restored: dict[str, torch.Tensor | BadImageError] = {}
-        names, tensors = [], []
+        restored: dict[str, tuple | BadImageError] = {}
+        names, tensors, masks = [], [], []
         for name, lq_path, _ in batch:
             try:
-                lq = load_image(lq_path)
+                lq, mask = run.load(lq_path)
             except BadImageError as exc:
                 restored[name] = exc
                 continue
-            if lq.shape[-2:] != (size, size):
-                warnings.warn(
-                    f"{lq_path}: {lq.shape[-1]}x{lq.shape[-2]} resized to the network's {size}x{size}",
-                    stacklevel=2,
-                )
-                lq = resize_to(lq, (size, size))
             names.append(name)
             tensors.append(lq)
+            masks.append(mask)
         if tensors:
-            with torch.inference_mode():
-                x = torch.cat(tensors).to(device) * 2 - 1
-                out = ((model(x, w=w, adain=adain) + 1) / 2).clamp(0, 1).float().cpu()
-            for name, image in zip(names, out):
-                # round to 8 bits: the numbers are those of the PNG a user would save and re-evaluate
-                restored[name] = (image[None] * 255).round() / 255
+            stacked = torch.cat(masks) if run.task.masked else None
+            out = run.restore(torch.cat(tensors), stacked, w)
+            for name, image, mask in zip(names, out, masks):
+                restored[name] = (image[None], mask)
                 if out_dir is not None:
                     write_image(out_dir / f"{name}.png", to_uint8(image))
         for name, _, gt_path in batch:
             yield name, lambda r=restored[name], g=gt_path: _restored_and_gt(r, g)
 
 
-def _restored_and_gt(
-    restored: torch.Tensor | BadImageError, gt_path: Path
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _restored_and_gt(restored: tuple | BadImageError, gt_path: Path) -> tuple[torch.Tensor, ...]:
     if isinstance(restored, BadImageError):
         raise restored
-    return restored, load_image(gt_path)
+    image, mask = restored
+    return (image, load_image(gt_path)) if mask is None else (image, load_image(gt_path), mask)

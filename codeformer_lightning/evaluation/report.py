@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .metrics import LOWER_IS_BETTER, SET_METRICS, EvaluationResult
 
-_DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "fid": 2, "identity": 4, "landmarks": 4}
+_DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "fid": 2, "identity": 4, "landmarks": 4, "psnr_mask": 2, "ssim_mask": 4}
 _TITLES = {
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
@@ -22,6 +22,8 @@ _TITLES = {
     "fid": "FID",
     "identity": "Identity (cos)",
     "landmarks": "Landmark dist.",
+    "psnr_mask": "PSNR in mask (dB)",
+    "ssim_mask": "SSIM in mask",
 }
 
 
