@@ -21,10 +21,12 @@ of seeds; the seeds are fixed, so the outcome is deterministic. The test's power
 presets used to be) must fail the channel-shift comparison with p < ``P_DETECT`` = 1e-4.
 
 Sizes: the published ranges are defined at 512 px. The default tests run 240 pairs per preset at
-128 px (the steps are the same at any size; the factors shrink a 128 px face to 4-128 px), a few
-seconds each; the ``slow`` ones run 300 pairs per preset at 512 px (~25 s per preset on 2 busy
-cores, measured). Inpainting masks: coverage mean within 3 points of the published mean at 512 px,
-spread (std) within 2 points, KS p > ``P_MIN``.
+128 px (the steps are the same at any size; the factors shrink a 128 px face to 4-128 px): 3-7 s
+per preset, the colorization one ~20 s with the torchvision import, on the shared 2 cores (load ~9).
+The ``slow`` ones run 300 pairs per preset at 512 px: 2-2.5 min per preset there, ~7 min for
+colorization (torchvision's jitter at 512 px), so they are not in the default run. Inpainting masks:
+coverage mean within 3 points of the published mean at 512 px, spread (std) within 2 points, KS
+p > ``P_MIN``.
 """
 
 from __future__ import annotations
