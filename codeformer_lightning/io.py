@@ -14,7 +14,8 @@ pixels everywhere. The rules:
 * transparency is kept by the ``*_with_alpha`` readers (``alpha (H, W) uint8``) and composited on
   white by the plain ones (as a transparent background shows on a page);
 * anything that does not decode fully (not an image, corrupt, truncated, empty, larger than
-  ``max_pixels``) raises :class:`BadImageError` naming where it came from and why.
+  ``max_pixels``) raises :class:`BadImageError` naming where it came from and why (too large:
+  its subclass :class:`ImageTooLargeError`).
 
 Videos. :class:`VideoReader` opens a file once and yields ``(H, W, 3) uint8 RGB`` frames, handing
 the audio packets of the same pass to a callback; :class:`VideoWriter` writes H.264 (yuv420p) at a
@@ -63,6 +64,11 @@ class BadImageError(ValueError):
         return type(self), (self.origin, self.reason)
 
 
+class ImageTooLargeError(BadImageError):
+    """An image over the ``max_pixels`` guard (or PIL's decompression-bomb limit): readable, but
+    refused for its size (a server answers 413 rather than 400)."""
+
+
 def is_image_path(path: str | Path) -> bool:
     """Whether ``path`` has an image file extension (any case); says nothing about its contents."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
@@ -91,7 +97,7 @@ def decode_image_with_alpha(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise BadImageError(
+                    raise ImageTooLargeError(
                         origin, f"image too large ({img.width}x{img.height} px, limit {max_pixels} px)"
                     )
                 img.load()  # decodes everything now: truncated or corrupt data fails here, not later
@@ -104,7 +110,7 @@ def decode_image_with_alpha(
     except UnidentifiedImageError:
         raise BadImageError(origin, "not an image file (format not recognised)") from None
     except Image.DecompressionBombError as exc:
-        raise BadImageError(origin, f"image too large ({exc})") from None
+        raise ImageTooLargeError(origin, f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's ways of saying "broken"
         raise BadImageError(origin, f"corrupt or truncated image ({exc})") from None
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:

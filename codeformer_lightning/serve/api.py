@@ -31,6 +31,7 @@ import litserve as ls
 import torch
 from fastapi.responses import JSONResponse
 
+from codeformer_lightning.inference.tasks import TASKS
 from codeformer_lightning.serve.batching import BatchRestorer, BatchStats, Rejection, Restored
 from codeformer_lightning.serve.gate import RequestGate
 from codeformer_lightning.serve.protocol import (
@@ -53,7 +54,8 @@ DEFAULT_BATCH_TIMEOUT = 0.02
 class RestorerSettings:
     """How each inference worker builds its :class:`FaceRestorer` (the device comes from LitServe).
     ``threads``: torch CPU threads (None: torch's default); ``cpu_threads``: threads that decode
-    uploads and encode answers in parallel (PIL and OpenCV release the GIL)."""
+    uploads and encode answers in parallel (PIL and OpenCV release the GIL); ``task``: the published
+    inference to apply (None: the weights' variant, see :mod:`codeformer_lightning.inference.tasks`)."""
 
     weights: str
     precision: str = "fp32"
@@ -62,6 +64,7 @@ class RestorerSettings:
     detector_weights: str | None = None
     threads: int | None = None
     cpu_threads: int = 4
+    task: str | None = None
 
 
 class RestorationAPI(ls.LitAPI):
@@ -87,12 +90,13 @@ class RestorationAPI(ls.LitAPI):
         if s.threads:
             torch.set_num_threads(s.threads)
         restorer = FaceRestorer(s.weights, detector=s.detector, device=device, precision=s.precision,
-                                batch_size=s.face_batch_size, detector_weights=s.detector_weights)
-        _ = restorer.detector  # built now: a missing detector file stops start-up, not the first photo
+                                batch_size=s.face_batch_size, detector_weights=s.detector_weights, task=s.task)
+        if restorer.task.whole_photos:
+            _ = restorer.detector  # built now: a missing detector file stops start-up, not the first photo
         self.batcher = BatchRestorer(restorer, self.stats)
         self.pool = ThreadPoolExecutor(s.cpu_threads, thread_name_prefix="codec")
-        log.info("worker ready on %s: %s, %s, %d faces per network call, %d codec threads", device, s.weights,
-                 s.precision, s.face_batch_size, s.cpu_threads)
+        log.info("worker ready on %s: %s (%s), %s, %d faces per network call, %d codec threads", device, s.weights,
+                 restorer.task.describe(), s.precision, s.face_batch_size, s.cpu_threads)
 
     def decode_request(self, request):
         try:
@@ -149,7 +153,7 @@ def build_server(args: argparse.Namespace) -> ls.LitServer:
     stats = BatchStats(args.max_batch_size, args.face_batch_size or args.max_batch_size)
     settings = RestorerSettings(str(args.weights), args.precision, args.face_batch_size or args.max_batch_size,
                                 args.detector, str(args.detector_weights) if args.detector_weights else None,
-                                args.threads, args.cpu_threads)
+                                args.threads, args.cpu_threads, args.task)
     limits = Limits(args.max_pixels, args.max_upscale, args.max_fidelities)
     api = RestorationAPI(settings, limits, stats, args.max_batch_size, args.batch_timeout)
     in_flight = multiprocessing.get_context("fork").Value("i", 0)  # shared by the forked HTTP processes
@@ -203,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a batch waits for more requests")
     p.add_argument("--face-batch-size", type=_positive(int), default=None,
                    help="faces per network call (default: --max-batch-size)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="published inference to apply (default: the weights' variant): restoration, "
+                   "colorization (w=0) or inpainting (w=1, aligned faces only, white pixels filled)")
     p.add_argument("--detector", choices=("mtcnn", "retinaface"), default="mtcnn")
     p.add_argument("--detector-weights", type=Path, default=None)
     p.add_argument("--max-request-bytes", type=_positive(int), default=20 * 2**20)

@@ -2,17 +2,18 @@
 
 The server hands :meth:`BatchRestorer.restore` the requests that arrived within its batch window.
 Each photo is detected and aligned on its own (:meth:`FaceRestorer.prepare`); then the face crops
-of all requests that ask for the same fidelity weights and output scale go through the network
-together, ``batch_size`` faces per call (:meth:`FaceRestorer.complete`), and are pasted back per
-request. Requests with different ``w`` lists are restored in separate groups: pooling them would
-run every face at every weight of the batch. The network calls actually made are observed with a
+of all requests that ask for the same fidelity weights go through the network together,
+``batch_size`` faces per call (:meth:`FaceRestorer.complete`), and are pasted back per request
+at the request's own output scale. Requests with different ``w`` lists are restored in separate
+groups: pooling them would run every face at every weight of the batch. The restorer applies the
+published inference of its weights' task; a request the task cannot take (a whole photo for
+inpainting) is answered 400 with the reason. The network calls actually made are observed with a
 forward pre-hook and recorded in :class:`BatchStats`, which lives in shared memory so that the
 HTTP processes can report what the inference workers did.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import multiprocessing
 import time
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from codeformer_lightning.inference.restorer import FaceRestorer, RestoreResult
+from codeformer_lightning.inference.tasks import TaskError
 from codeformer_lightning.serve.protocol import RestoreRequest
 
 log = logging.getLogger("codeformer_lightning.serve")
@@ -81,21 +83,12 @@ class BatchStats:
         return {**totals, "requests_per_batch": per_batch, "faces_per_network_call": per_call, "seconds": seconds}
 
 
-def with_options(restorer: FaceRestorer, upscale: float, only_center_face: bool) -> FaceRestorer:
-    """``restorer`` with another output scale / centre-face choice: a shallow copy sharing its
-    network and detector (``restorer`` itself when nothing differs; it is never modified)."""
-    if upscale == restorer.upscale and only_center_face == restorer.only_center_face:
-        return restorer
-    variant = copy.copy(restorer)
-    variant.upscale, variant.only_center_face = upscale, only_center_face
-    return variant
-
-
 class BatchRestorer:
     """Restores lists of :class:`RestoreRequest` with one :class:`FaceRestorer`, pooling faces.
 
     ``restorer.batch_size`` is the number of faces per network call. Per-request options
-    (``upscale``, ``only_center_face``) go through :func:`with_options`.
+    (``upscale``, ``only_center_face``) are passed to :meth:`FaceRestorer.prepare`, so requests
+    that differ only in them share network calls.
     """
 
     def __init__(self, restorer: FaceRestorer, stats: BatchStats | None = None) -> None:
@@ -108,10 +101,11 @@ class BatchRestorer:
         self._calls.append(int(args[0].shape[0]))
 
     def _prepare(self, request: RestoreRequest) -> RestoreResult:
-        restorer = with_options(self.restorer, request.upscale, request.only_center_face)
-        if request.ws is None:
-            return restorer.prepare(request.image, aligned=request.aligned)
-        return restorer.prepare(request.image, request.ws, aligned=request.aligned)
+        result = self.restorer.prepare(request.image, request.ws, aligned=request.aligned, upscale=request.upscale,
+                                       only_center_face=request.only_center_face)
+        # what differs from the task's published inference, or happens to whole photos (said per answer)
+        result.notes += self.restorer.task_notes(request.ws, request.aligned)
+        return result
 
     def restore(self, items: Sequence[RestoreRequest | Rejection]) -> list[Restored | Rejection]:
         """One outcome per item, in order. Rejections pass through; a request whose detection or
@@ -123,18 +117,19 @@ class BatchRestorer:
             if outcomes[i] is None:
                 try:
                     prepared[i] = self._prepare(item)
+                except TaskError as exc:  # input this task cannot take: the client can fix it
+                    outcomes[i] = Rejection(400, str(exc))
                 except Exception as exc:  # one bad photo must not take its batch down
                     log.exception("face detection failed for %s", item.origin)
                     outcomes[i] = Rejection(500, f"face detection failed: {exc}")
         groups: dict[tuple, list[int]] = {}
         for i, result in prepared.items():
-            groups.setdefault((tuple(result.ws), items[i].upscale), []).append(i)
+            groups.setdefault(tuple(result.ws), []).append(i)
         all_calls: list[int] = []
-        for (_, upscale), members in groups.items():
+        for members in groups.values():
             self._calls.clear()
             try:
-                restorer = with_options(self.restorer, upscale, False)
-                restorer.complete([items[i].image for i in members], [prepared[i] for i in members])
+                self.restorer.complete([items[i].image for i in members], [prepared[i] for i in members])
             except Exception as exc:
                 log.exception("restoration failed for a group of %d request(s)", len(members))
                 for i in members:

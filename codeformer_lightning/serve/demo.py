@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 
 from codeformer_lightning.inference.restorer import FaceRestorer
+from codeformer_lightning.inference.tasks import TaskError
 from codeformer_lightning.io import BadImageError, composite_on_white, read_image_with_alpha, write_image
-from codeformer_lightning.serve.batching import with_options
 from codeformer_lightning.serve.protocol import Limits, output_image
 
 ELEMENT_IDS = {"photo": "photo", "fidelity": "fidelity", "before_after": "before-after", "faces": "faces",
@@ -65,8 +65,12 @@ class DemoRestorer:
             return DemoOutput(f"**Could not read the image:** {exc.reason}.")
         # what the server does with transparency: restore on white, keep alpha in the PNG
         image = composite_on_white(rgb, alpha)
-        restorer = with_options(self.restorer, upscale, only_center_face)
-        result = restorer.restore(image, w=float(w), aligned=aligned)
+        try:
+            prepared = self.restorer.prepare(image, float(w), aligned, upscale=upscale,
+                                             only_center_face=only_center_face)
+        except TaskError as exc:  # e.g. a whole photo for inpainting: say what to do instead
+            return DemoOutput(f"**Cannot run {self.restorer.task.name}:** {exc}.")
+        result = self.restorer.complete([image], [prepared])[0]
         after = result.image
         before = result.cropped_faces[0] if aligned else _resized(image, after.shape)
         faces = []
@@ -102,16 +106,19 @@ def build_demo(demo_restorer: DemoRestorer, max_upscale: float = Limits.max_upsc
 
     ids = ELEMENT_IDS
     with gr.Blocks(title="CodeFormer face restoration", analytics_enabled=False) as demo:
+        task = demo_restorer.restorer.task
         gr.Markdown("## CodeFormer face restoration\nUpload a photo; move **w** towards 0 for quality, "
-                    "towards 1 for fidelity to the input.")
+                    f"towards 1 for fidelity to the input.\n\nTask of these weights: {task.describe()}.")
         with gr.Row():
             with gr.Column(scale=1):
                 photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"],
                                  elem_id=ids["photo"])
-                fidelity = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="w (fidelity)",
+                # the task's published w; colorization and inpainting fix it (the slider then stays put)
+                fidelity = gr.Slider(0.0, 1.0, value=task.w, step=0.01, interactive=not task.fixed_w,
+                                     label="w (fidelity)" if not task.fixed_w else f"w (fixed by {task.name})",
                                      elem_id=ids["fidelity"])
                 with gr.Row():
-                    aligned = gr.Checkbox(label="already an aligned face", value=False)
+                    aligned = gr.Checkbox(label="already an aligned face", value=not task.whole_photos)
                     center = gr.Checkbox(label="only the centre face", value=False)
                 upscale = gr.Slider(1, max_upscale, value=1, step=0.5, label="upscale")
                 status = gr.Markdown("Upload a photo to start.", elem_id=ids["status"])

@@ -7,8 +7,8 @@ a JSON object (the image base64-encoded, optionally as a ``data:`` URL). Fields:
 field               value                                            default
 =================== ================================================ ====================
 ``image``           the photo (any format :mod:`codeformer_lightning.io` reads)  required
-``w``               fidelity weight(s) in [0, 1]: a number or a list   the restorer's
-                    (form: repeat the field or separate by commas)
+``w``               fidelity weight(s) in [0, 1]: a number or a list   the task's published
+                    (form: repeat the field or separate by commas)     value
 ``aligned``         the image is an FFHQ-aligned face (no detection)  false
 ``upscale``         output scale of whole photos, in (0, ``max_upscale``]  1
 ``only_center_face`` restore only the face nearest the centre          false
@@ -33,7 +33,13 @@ import cv2
 import numpy as np
 
 from codeformer_lightning.inference.restorer import RestoreResult
-from codeformer_lightning.io import BadImageError, composite_on_white, decode_image_with_alpha, encode_image
+from codeformer_lightning.io import (
+    BadImageError,
+    ImageTooLargeError,
+    composite_on_white,
+    decode_image_with_alpha,
+    encode_image,
+)
 
 FIELDS = ("image", "w", "aligned", "upscale", "only_center_face", "format", "quality")
 FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg"}
@@ -82,10 +88,13 @@ class RestoreRequest:
 
     def decode(self, max_pixels: int | None = Limits.max_pixels) -> RestoreRequest:
         """Decode ``data`` into ``rgb``/``alpha``/``image`` (once; the bytes are then dropped) and
-        return self; raises :class:`RequestError` for unreadable, truncated or too large images."""
+        return self; raises :class:`RequestError`: 400 for unreadable or truncated images, 413 for
+        images over ``max_pixels``."""
         if self.image is None:
             try:
                 self.rgb, self.alpha = decode_image_with_alpha(self.data, self.origin, max_pixels)
+            except ImageTooLargeError as exc:
+                raise RequestError(413, str(exc)) from None
             except BadImageError as exc:
                 raise RequestError(400, str(exc)) from None
             self.image, self.data = composite_on_white(self.rgb, self.alpha), b""
@@ -231,8 +240,9 @@ def output_image(result: RestoreResult, w: float, rgb: np.ndarray, alpha: np.nda
 
 
 def response_body(request: RestoreRequest, result: RestoreResult, batch: dict) -> dict:
-    """The JSON answer: encoded images (base64) per ``w``, face count, boxes, scores, landmarks
-    (in the input image's pixels), output size, notes and what the batch looked like."""
+    """The JSON answer: encoded images (base64) per ``w``, the task run (``restoration``,
+    ``colorization`` or ``inpainting``: the weights' published inference), face count, boxes,
+    scores, landmarks (in the input image's pixels), output size, notes and what the batch looked like."""
     images = []
     for w in result.ws:
         image, alpha = output_image(result, w, request.rgb, request.alpha)
@@ -247,6 +257,7 @@ def response_body(request: RestoreRequest, result: RestoreResult, batch: dict) -
         scores = [round(float(face.score), 4) for face in result.faces]
         landmarks = [np.round(face.landmarks, 2).tolist() for face in result.faces]
     return {
+        "task": result.task,
         "faces": len(result.cropped_faces),
         "boxes": boxes,
         "scores": scores,

@@ -73,8 +73,9 @@ def test_fields_are_checked_before_the_image_is_decoded():
 def test_repeated_single_field_and_pixel_limit():
     with pytest.raises(RequestError, match="'upscale' is given 2 times"):
         parse_request(FormData([("image", _b64(_photo())), ("upscale", "1"), ("upscale", "2")]))
-    with pytest.raises(RequestError, match=r"image too large \(128x96 px, limit 10000 px\)"):
+    with pytest.raises(RequestError, match=r"image too large \(128x96 px, limit 10000 px\)") as caught:
         parse_request({"image": _b64(_photo())}, Limits(max_pixels=10_000))
+    assert caught.value.status == 413  # readable, but too large: not a malformed request
 
 
 class _FixedDetector:

@@ -58,6 +58,7 @@ def test_aligned_face_equals_face_restorer(server, tiny_serve_model):
     body = response.json()
     expected = FaceRestorer(tiny_serve_model).restore(read_image(path), w=[0.3, 0.7], aligned=True)
     assert body["faces"] == 1 and body["boxes"] == [[0.0, 0.0, 512.0, 512.0]]
+    assert body["task"] == "restoration"  # the weights' variant
     assert [item["w"] for item in body["images"]] == [0.3, 0.7]
     assert (body["width"], body["height"]) == (32, 32)  # the tiny network's face size
     for index, w in enumerate([0.3, 0.7]):
@@ -143,7 +144,7 @@ def _bad_requests(url: str, face: bytes) -> list[tuple[str, httpx.Response, int,
         ("non-image bytes", post_file(url, data=b"this is not an image at all", name="notes.txt"), 400,
          "not an image"),
         ("truncated file", post_file(url, data=face[: len(face) * 6 // 10]), 400, "truncated"),
-        ("too many pixels", post_file(url, data=_tiny_png_of_pixels(big, big)), 400, "too large"),
+        ("too many pixels", post_file(url, data=_tiny_png_of_pixels(big, big)), 413, "too large"),
         ("w above 1", form(w="1.5"), 400, "[0, 1]"),
         ("w below 0", form(w="-0.2"), 400, "[0, 1]"),
         ("w not a number", form(w="abc"), 400, "'w' must be a number"),
