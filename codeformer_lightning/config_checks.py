@@ -91,11 +91,13 @@ def _check_paths(cfg: DictConfig) -> list[str]:
                 hint = REQUIRED_KEYS.get(key, f"point {dotted}= at the {what}")
                 problems.append(f"{dotted}={value}: no such file or folder ({what}); {hint}.")
     data = cfg.get("data")
-    if data is not None and {"train_dir", "train_lmdb"} & set(data.keys()):
-        if data.get("train_dir") is None and data.get("train_lmdb") is None:
+    sources = ("train_dir", "train_lmdb", "train_shards")
+    if data is not None and set(sources) & set(data.keys()):
+        if all(data.get(key) is None for key in sources):
             problems.append(
                 "no training data: set data.train_dir=/path/to/aligned_faces (a folder of 512x512 aligned "
-                "faces such as FFHQ) or data=lmdb data.train_lmdb=/path/to/train.lmdb"
+                "faces such as FFHQ), data=lmdb data.train_lmdb=/path/to/train.lmdb or "
+                "data=streaming data.train_shards=/path/or/uri/of/shards"
             )
     return problems
 

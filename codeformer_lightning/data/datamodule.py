@@ -114,13 +114,7 @@ class FaceDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
         if gpu_degradation and task != "restoration":
             raise ValueError(f"gpu_degradation supports task 'restoration' only, got {task!r}")
-        if (train_dir is None) == (train_lmdb is None):
-            raise ValueError(
-                "give exactly one of train_dir (a folder of aligned faces) and train_lmdb (codeformer-pack-lmdb output); "
-                f"got train_dir={train_dir!r}, train_lmdb={train_lmdb!r}"
-            )
-        if val_dir is not None and val_lmdb is not None:
-            raise ValueError("give at most one of val_dir and val_lmdb")
+        self._check_sources(train_dir, train_lmdb, val_dir, val_lmdb)
         if int(batch_size) < 1 or int(num_workers) < 0 or int(val_split) < 0:
             raise ValueError(
                 f"need batch_size >= 1, num_workers >= 0, val_split >= 0; got {batch_size}, {num_workers}, {val_split}"
@@ -135,6 +129,16 @@ class FaceDataModule(pl.LightningDataModule):
         self._loaders: dict[str, ReportingLoader] = {}
 
     # ------------------------------------------------------------------------- setup
+    def _check_sources(self, train_dir, train_lmdb, val_dir, val_lmdb) -> None:
+        """One training source, at most one validation source (data modules of other sources override it)."""
+        if (train_dir is None) == (train_lmdb is None):
+            raise ValueError(
+                "give exactly one of train_dir (a folder of aligned faces) and train_lmdb (codeformer-pack-lmdb output); "
+                f"got train_dir={train_dir!r}, train_lmdb={train_lmdb!r}"
+            )
+        if val_dir is not None and val_lmdb is not None:
+            raise ValueError("give at most one of val_dir and val_lmdb")
+
     def _source(self, folder, lmdb_path, file_list=None):
         if lmdb_path is not None:
             from .lmdb import LmdbSource
