@@ -10,10 +10,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from .datasets import TASKS, FaceDataset, ImageFolderSource
+from .datasets import FaceDataset, ImageFolderSource
 from .degradations import PRESETS, DegradationConfig, preset
 from .latent_codes import read_latent_codes
 from .loaders import ReportingLoader, ResumableLoader, ResumableSampler
+from .tasks import check_task
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class FaceDataModule(pl.LightningDataModule):
             of the training set (a fixed choice from ``seed``; 0: no validation).
         image_size: S of every sample (other sizes: ``on_wrong_size``).
         degradation: ``none`` | ``stage2`` | ``stage3_small`` | ``stage3_large`` (see ``PRESETS``).
-        task: ``restoration`` | ``colorization`` | ``inpainting``.
+        task: ``restoration`` | ``inpainting`` | ``grayscale`` (see :mod:`.tasks`).
         batch_size: per device. num_workers, pin_memory, persistent_workers: DataLoader options
             (persistent workers only when ``num_workers > 0``).
         seed: degradation seed (see ``datasets`` for the scheme) and training-order seed (each
@@ -110,8 +111,7 @@ class FaceDataModule(pl.LightningDataModule):
         if not isinstance(degradation, DegradationConfig) and degradation not in PRESETS:
             raise ValueError(f"unknown degradation {degradation!r}; valid presets: {', '.join(PRESETS)}")
         preset(large_degradation)
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        check_task(task)
         if gpu_degradation and task != "restoration":
             raise ValueError(f"gpu_degradation supports task 'restoration' only, got {task!r}")
         self._check_sources(train_dir, train_lmdb, val_dir, val_lmdb)
