@@ -121,9 +121,10 @@ class InpaintingGraph(_FixedTaskGraph):
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor):
         x = image.to(self.model.position_emb.dtype)
-        m = mask.to(x.dtype)
-        restored, indices = self._network(composite_tensor(x, torch.ones_like(x), m))
-        return self._outputs(composite_tensor(x, restored, m), indices, image.dtype)
+        restored, indices = self._network(composite_tensor(x, torch.ones_like(x), mask.to(x.dtype)))
+        # composited in the input's dtype: an fp16 graph too returns the unmasked pixels unchanged
+        restored = composite_tensor(image, restored.to(image.dtype), mask.to(image.dtype))
+        return self._outputs(restored, indices, image.dtype)
 
 
 def _graph_task(task: str | Task, adain: bool | None) -> Task:

@@ -222,6 +222,15 @@ def test_inpainting_graph_in_torchscript_and_torch_export(tiny_model, tmp_path, 
     assert (restored - _published_inpainting(tiny_model, x)).abs().max() < 1e-4
 
 
+def test_fp16_inpainting_graph_still_returns_the_unmasked_pixels_exactly(tiny_model):
+    x, mask = _holes(2, seed=27)
+    with torch.no_grad():
+        restored, _ = ex.prepare(tiny_model, dtype="fp16", task="inpainting")(x, mask)
+    keep = ~mask.bool().expand_as(x)
+    assert restored.dtype == torch.float32 and torch.equal(restored[keep], x[keep])
+    assert (restored - _published_inpainting(tiny_model, x)).abs().max() < 5e-2  # fp16 inside the holes
+
+
 def test_colorization_graph_fixes_w0_and_adain(tiny_model, tmp_path, onnx_fp32):
     assert ex.onnx_settings(onnx_fp32[0]) == {"task": "restoration", "w": "input", "adain": "true"}
     path = ex.export_onnx(tiny_model, tmp_path / "colorization.onnx", task="colorization")
