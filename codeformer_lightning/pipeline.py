@@ -22,21 +22,29 @@ with
 
 and trains in ``<run>/<stage name>/``. ``pipeline.evaluate`` (optional) is then called with
 ``weights=<last export>`` and ``out_dir=<run>``; it returns a dict of metrics.
+
+Before the first stage starts, every stage's config is composed and checked (the files earlier
+stages will write count as present), so a problem of stage III is reported before hours of stage I.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from hydra import compose
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from .train import save_resolved_config, train
+from .config_checks import ConfigError, find_problems
+from .train import ensure_output_dir, save_resolved_config, train
 from .training.callbacks import discriminator_export_path
+from .training.summary import PipelineRun
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +58,22 @@ def quote(value: object) -> str:
     return f"'{text}'"
 
 
-def shared_overrides() -> list[str]:
-    """This command's overrides that every stage receives."""
+#: the packaged config tree, for composing stages outside a Hydra application
+CONF_MODULE = "codeformer_lightning.conf"
+
+
+def shared_overrides(overrides: list[str] | None = None) -> list[str]:
+    """The overrides (default: this Hydra run's) that every stage receives."""
+    if overrides is None:
+        if not HydraConfig.initialized():
+            log.warning(
+                "Pipeline outside a Hydra run: its overrides are unknown, so the stages get none; compose the "
+                "config with codeformer_lightning.compose_config, or pass overrides= to pipeline.run"
+            )
+            return []
+        overrides = list(HydraConfig.get().overrides.task)
     shared = []
-    for override in HydraConfig.get().overrides.task:
+    for override in overrides:
         key = override.lstrip("~+").split("=", 1)[0]
         if not any(key == k or key.startswith(k + ".") for k in _PIPELINE_KEYS):
             shared.append(override)
@@ -61,52 +81,94 @@ def shared_overrides() -> list[str]:
 
 
 def stage_overrides(
-    stage: DictConfig, output_dir: Path, exports: dict[str, str], shared: list[str]
+    stage: DictConfig,
+    output_dir: Path,
+    exports: dict[str, str],
+    shared: list[str],
+    exists: Callable[[Path], bool] = Path.is_file,
 ) -> list[str]:
     """The overrides that compose one stage's config (see the module docstring for the order).
 
-    ``exports``: ``{stage name: exported weight file}`` of the stages that already ran.
+    ``exports``: ``{stage name: exported weight file}`` of the stages that already ran (or will);
+    ``exists``: whether a discriminator file is there to pass on.
     """
     overrides = [f"experiment={stage.experiment}", *shared, f"paths.output_dir={quote(output_dir)}"]
     for source, key in (stage.get("weights_from") or {}).items():
         if source in exports:
             overrides.append(f"{key}={quote(exports[source])}")
     for source, key in (stage.get("discriminator_from") or {}).items():
-        if source in exports and discriminator_export_path(exports[source]).is_file():
+        if source in exports and exists(discriminator_export_path(exports[source])):
             overrides.append(f"{key}={quote(discriminator_export_path(exports[source]))}")
     overrides.extend(stage.get("overrides") or [])
     return overrides
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train ``cfg.pipeline.stages`` in order; return every stage's metrics as ``<stage>/<metric>``.
+@contextlib.contextmanager
+def _config_tree() -> Iterator[None]:
+    """Hydra's config search path: the running application's, else the packaged tree."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+    else:
+        with initialize_config_module(CONF_MODULE, version_base="1.3"):
+            yield
 
-    Must run inside a Hydra application (``codeformer-train`` / ``codeformer-pipeline``): the stages
-    are composed from the same config tree with the same overrides. Stages set to null are skipped
-    (give the next stage its input weights in its ``overrides``).
-    """
-    out = Path(cfg.paths.output_dir)
-    save_resolved_config(cfg, out / "config.yaml")
-    shared = shared_overrides()
+
+def check_stages(cfg: DictConfig, out: Path, shared: list[str]) -> None:
+    """Compose every stage as it will run and raise one :class:`ConfigError` listing the problems of
+    all of them; the files earlier stages will export count as present."""
     exports: dict[str, str] = {}
-    last: str | None = None
-    metrics: dict[str, float] = {}
+    problems = []
     for name, stage in cfg.pipeline.stages.items():
         if stage is None:
-            log.info("Pipeline: skipping stage %s", name)
             continue
-        overrides = stage_overrides(stage, out / str(name), exports, shared)
-        log.info("Pipeline: stage %s: %s", name, " ".join(overrides))
+        overrides = stage_overrides(stage, out / str(name), exports, shared, exists=lambda _: True)
         stage_cfg = compose(config_name="train", overrides=overrides)
-        metrics.update({f"{name}/{k}": v for k, v in train(stage_cfg).items()})
-        last = exports[str(name)] = str(stage_cfg.export_path)
-        if not Path(last).is_file():
-            raise RuntimeError(
-                f"pipeline stage {name} finished without writing its weights to export_path={last}; "
-                "the next stages start from them: keep callbacks.export_weights enabled"
-            )
-    evaluate = cfg.pipeline.get("evaluate")
-    if evaluate is not None and last is not None and rank_zero_only.rank == 0:
-        metrics.update(instantiate(evaluate, weights=last, out_dir=str(out)))
-    return metrics
+        pending = [p for e in exports.values() for p in (e, str(discriminator_export_path(e)))]
+        problems += [f"stage {name}: {p}" for p in find_problems(stage_cfg, pending)]
+        exports[str(name)] = str(stage_cfg.export_path)
+    if problems:
+        raise ConfigError(problems)
 
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> PipelineRun:
+    """Train ``cfg.pipeline.stages`` in order; return what each stage wrote and measured, and the
+    evaluation's metrics (``.metrics`` holds them all as ``<stage>/<metric>``).
+
+    ``overrides``: the overrides ``cfg`` was composed with (default: the running Hydra
+    application's); every stage receives them. Inside ``@hydra.main`` the stages are composed from
+    the application's config tree, outside it from the packaged one. Stages set to null are skipped
+    (give the next stage its input weights in its ``overrides``).
+    """
+    out = ensure_output_dir(cfg)
+    shared = shared_overrides(overrides)
+    with _config_tree():
+        check_stages(cfg, out, shared)
+        save_resolved_config(cfg, out / "config.yaml")
+        result = PipelineRun(out)
+        exports: dict[str, str] = {}
+        for name, stage in cfg.pipeline.stages.items():
+            if stage is None:
+                log.info("Pipeline: skipping stage %s", name)
+                continue
+            stage_args = stage_overrides(stage, out / str(name), exports, shared)
+            log.info("Pipeline: stage %s: %s", name, " ".join(stage_args))
+            stage_cfg = compose(config_name="train", overrides=stage_args)
+            result.stages[str(name)] = train(stage_cfg)
+            exports[str(name)] = str(stage_cfg.export_path)
+            if not Path(exports[str(name)]).is_file():
+                raise RuntimeError(
+                    f"pipeline stage {name} finished without writing its weights to export_path={exports[str(name)]}; "
+                    "the next stages start from them: keep callbacks.export_weights enabled"
+                )
+    _evaluate(cfg, out, list(exports.values())[-1] if exports else None, result)
+    return result
+
+
+def _evaluate(cfg: DictConfig, out: Path, weights: str | None, result: PipelineRun) -> None:
+    """Run ``pipeline.evaluate`` on the last export (rank 0); record its metrics and new files."""
+    evaluate = cfg.pipeline.get("evaluate")
+    if evaluate is None or weights is None or rank_zero_only.rank != 0:
+        return
+    before = set(out.iterdir())
+    result.evaluation = dict(instantiate(evaluate, weights=weights, out_dir=str(out)))
+    result.evaluation_files = sorted(p for p in out.iterdir() if p not in before and p.is_file())

@@ -7,6 +7,8 @@
   subprocess (how Lightning's DDP launcher needs it: it re-runs the command for rank 1) and returns
   the completed process; fails the test with the output tail when the command fails.
 * ``face_folder``: a session-wide quickstart face folder (32 px, built from scikit-image's faces).
+* ``quickstart_run``: one session-wide ``codeformer-train experiment=quickstart`` run at 6 steps per
+  stage (the README's main job, its files and its printed output), shared by the tests that inspect it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,18 +70,51 @@ def command_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 300, check: bool = True, **env: str):
+    """``python -m <module> <args>`` in ``cwd``; fails the test with the output tail when it fails (``check``)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=command_env(**env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"`python -m {module} {' '.join(args)}` failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
 @pytest.fixture
 def run_command(tmp_path):
     def run(module: str, *overrides: str, timeout: float = 300, cwd: Path | None = None, **env: str):
-        proc = subprocess.run(
-            [sys.executable, "-m", module, *overrides], cwd=cwd or tmp_path, env=command_env(**env),
-            capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode != 0:
-            pytest.fail(
-                f"`python -m {module} {' '.join(overrides)}` failed ({proc.returncode}):\n"
-                f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-            )
-        return proc
+        return run_module(module, *overrides, cwd=cwd or tmp_path, timeout=timeout, **env)
 
     return run
+
+
+@dataclass
+class QuickstartRun:
+    """One run of the README's main job at a few steps: its folder and everything it printed."""
+
+    folder: Path
+    stdout: str
+    stderr: str
+
+    @property
+    def log(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(face_folder, tmp_path_factory) -> QuickstartRun:
+    """``codeformer-train experiment=quickstart`` for 6 steps per stage (validation, logging and checkpoints
+    every 3) with the default callbacks, progress bar and model summary, as a user runs it (output to a pipe)."""
+    cwd = tmp_path_factory.mktemp("quickstart_run")
+    proc = run_module(
+        "codeformer_lightning.commands.train", "experiment=quickstart", "trainer.max_steps=6",
+        "trainer.val_check_interval=3", "trainer.log_every_n_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.model_checkpoint.save_top_k=-1", f"paths.data_dir={face_folder.parent}",
+        cwd=cwd, timeout=900, WANDB_MODE="disabled",
+    )
+    (folder,) = [p for p in (cwd / "outputs" / "quickstart").iterdir() if p.is_dir()]
+    return QuickstartRun(folder, proc.stdout, proc.stderr)
