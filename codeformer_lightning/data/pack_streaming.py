@@ -7,7 +7,7 @@ cluster reads from there) receives:
 
 * ``chunk-0-<k>.bin`` and ``index.json``: litdata chunks (``litdata.optimize``) of records
   ``{"image": original encoded bytes, "name": file stem}``, plus ``"codes_orig"`` / ``"codes_hflip"``
-  (``(L,)`` integer tensors) with ``--latent-codes`` (a ``codeformer-latent-codes`` file). Records
+  (``(L,)`` int16 arrays) with ``--latent-codes`` (a ``codeformer-latent-codes`` file). Records
   keep the input's order; nothing is decoded or re-encoded, so training sees the input's pixels.
 * ``codeformer_faces.json``: the names in record order, image sizes, the files left out and why.
 
@@ -30,11 +30,12 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from ..io import BadImageError, decode_image
@@ -117,19 +118,20 @@ def check_images(
         return list(tqdm(pool.imap(check, indices, chunksize=16), **bar))
 
 
-def _compact_codes(codes: dict, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The codes of ``names`` as small contiguous integer tensors (int16 when they fit)."""
+def _compact_codes(codes: dict, names: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """The codes of ``names`` as small integer arrays (int16 when they fit; numpy, which litdata
+    hands back without complaint from its read-only memory maps)."""
     missing = [n for n in names if n not in codes["orig"] or n not in codes["hflip"]]
     if missing:
         raise KeyError(
             f"{len(missing)} faces have no codes in the latent-code file (e.g. {missing[:5]}): "
             "write it with codeformer-latent-codes for these faces"
         )
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
     for key in CODE_KEYS:
         top = max(int(codes[key][n].max()) for n in names)
-        dtype = torch.int16 if top < 2**15 else torch.int32
-        out[key] = {n: codes[key][n].reshape(-1).to(dtype).contiguous() for n in names}
+        dtype = np.int16 if top < 2**15 else np.int32
+        out[key] = {n: np.ascontiguousarray(codes[key][n].reshape(-1).numpy(), dtype=dtype) for n in names}
     return out
 
 
@@ -153,6 +155,24 @@ def _normalise_chunks(out: Path) -> str:
     index["updated_at"] = digest.hexdigest()[:32]
     index_path.write_text(json.dumps(index, sort_keys=True))
     return digest.hexdigest()
+
+
+def _optimize(
+    source: ImageSource, good: list[int], out: Path, per_chunk: int, codes: dict | None, workers: int
+) -> None:
+    """litdata's ``optimize`` of the records ``good`` into ``out``, in input order."""
+    optimize(
+        fn=functools.partial(_record, source=source, codes=codes),
+        inputs=good,
+        output_dir=str(out),
+        chunk_size=per_chunk,
+        align_chunking=True,  # chunk boundaries independent of the worker count
+        num_workers=min(workers, -(-len(good) // per_chunk)),  # no idle workers
+        keep_data_ordered=True,  # records in input order (record i = the i-th good face)
+        reorder_files=False,
+        start_method=_start_method(source),
+        verbose=False,
+    )
 
 
 def pack_streaming(
@@ -199,18 +219,9 @@ def pack_streaming(
     per_chunk = max(1, round(chunk_mb * 2**20 / max(mean_bytes, 1.0)))
 
     out.mkdir(parents=True, exist_ok=True)
-    optimize(
-        fn=functools.partial(_record, source=source, codes=packed_codes),
-        inputs=good,
-        output_dir=str(out),
-        chunk_size=per_chunk,
-        align_chunking=True,  # chunk boundaries independent of the worker count
-        num_workers=min(workers, -(-len(good) // per_chunk)),  # no idle workers
-        keep_data_ordered=True,  # records in input order (record i = the i-th good face)
-        reorder_files=False,
-        start_method=_start_method(source),
-        verbose=False,
-    )
+    with warnings.catch_warnings():  # about idle workers when a chunk outgrows the input: there are none
+        warnings.filterwarnings("ignore", message="chunk_size .* is too large")
+        _optimize(source, good, out, per_chunk, packed_codes, workers)
     content = _normalise_chunks(out)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -229,7 +240,7 @@ def pack_streaming(
     }
     if packed_codes is not None:
         first = packed_codes["orig"][names[0]]
-        manifest["codes"] = {"length": int(first.numel()), "dtype": str(first.dtype).replace("torch.", "")}
+        manifest["codes"] = {"length": int(first.size), "dtype": str(first.dtype)}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 

@@ -49,6 +49,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .datamodule import FaceDataModule
@@ -178,7 +179,7 @@ class ShardSource:
         self._held = (int(index), record, error)
 
     def record(self, index: int) -> dict:
-        """Record ``index``: ``{"image": bytes, "name": str[, "codes_orig", "codes_hflip"]}``.
+        """Record ``index``: ``{"image": bytes, "name": str[, "codes_orig", "codes_hflip": (L,) int arrays]}``.
 
         Raises OSError for a record that cannot be read or holds another face than the manifest says.
         """
@@ -232,7 +233,8 @@ class PackedCodes(Mapping):
         self.source, self.key = source, key
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return torch.as_tensor(self.source.record(self.source.position_of(name))[f"codes_{self.key}"])
+        packed = self.source.record(self.source.position_of(name))[f"codes_{self.key}"]
+        return torch.from_numpy(np.array(packed, dtype=np.int64))  # a copy: records are read-only memory maps
 
     def __contains__(self, name: object) -> bool:
         try:
