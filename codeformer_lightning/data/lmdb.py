@@ -35,6 +35,10 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     key = (str(path.resolve()), os.getpid())
     env = _ENVIRONMENTS.get(key)
     if env is None:
+        # py-lmdb refuses to open a path twice in one process, and a forked data-loader worker
+        # inherits the parent's open environment: drop the inherited handle (never used here) first
+        for other in [k for k in _ENVIRONMENTS if k[0] == key[0] and k[1] != key[1]]:
+            _ENVIRONMENTS.pop(other).close()
         env = lmdb.open(
             key[0],
             readonly=True,

@@ -96,13 +96,9 @@ def _record(index: int, source: ImageSource, codes: dict | None) -> dict:
 
 
 def _start_method(source: ImageSource) -> str:
-    """How worker processes start: ``fork`` (they inherit the source and codes instead of
-    unpickling them, and start in milliseconds instead of re-importing torch), except for an LMDB:
-    py-lmdb refuses to open an environment in a forked child when the parent had it open (its
-    registry of open environments is inherited), and the parent opened it to read the keys."""
-    if isinstance(source, LmdbSource) or "fork" not in mp.get_all_start_methods():
-        return "spawn"
-    return "fork"
+    """How worker processes start: ``fork`` where the platform has it (workers inherit the source
+    and codes instead of unpickling them, and start in milliseconds instead of re-importing torch)."""
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 def check_images(

@@ -55,3 +55,29 @@ def test_errors(tmp_path, face_folder, capsys):
         txn.put(b"a", b"b")
     with pytest.raises(ValueError, match="not a face LMDB"):
         LmdbSource(tmp_path / "plain.lmdb")
+
+
+def test_forked_loader_workers_read_an_lmdb_the_parent_opened(face_folder, tmp_path):
+    # py-lmdb refuses a second open of a path in one process; forked workers inherit the parent's
+    # handle (opened to read the keys), so each worker must drop it before opening its own
+    folder, names = face_folder
+    main([str(folder), str(tmp_path / "w.lmdb")])
+    source = LmdbSource(tmp_path / "w.lmdb")
+    expected = [source.read_bytes(i) for i in range(len(names))]
+    ctx = torch.multiprocessing.get_context("fork")
+    loader = torch.utils.data.DataLoader(
+        _BytesOf(source), batch_size=None, num_workers=2, multiprocessing_context=ctx
+    )
+    assert list(loader) == expected
+    assert source.read_bytes(0) == expected[0]  # the parent still reads
+
+
+class _BytesOf(torch.utils.data.Dataset):
+    def __init__(self, source: LmdbSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.source.read_bytes(index)

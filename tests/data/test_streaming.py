@@ -113,15 +113,12 @@ def test_repacking_gives_byte_identical_shards_whatever_the_worker_count(tmp_pat
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-@pytest.mark.slow  # ~10-30 s: spawned workers (LmdbSource cannot cross a fork yet, see _start_method)
 def test_an_lmdb_packs_into_the_same_chunks_as_its_folder(tmp_path):
     folder = tmp_path / "faces"
     write_folder(folder, 10, 32)
     pack(folder, tmp_path / "from_folder")
     pack_lmdb(folder, tmp_path / "faces.lmdb")
-    pack(
-        tmp_path / "faces.lmdb", tmp_path / "from_lmdb"
-    )  # (spawned workers: py-lmdb and fork, see _start_method)
+    pack(tmp_path / "faces.lmdb", tmp_path / "from_lmdb")  # forked workers open the LMDB afresh
     chunks = sorted((tmp_path / "from_folder").glob("chunk-*.bin"))
     assert len(chunks) > 1
     for chunk in chunks:
