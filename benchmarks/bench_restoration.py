@@ -184,7 +184,9 @@ def cpu_variants(ref: RefCodeFormer, ours: CodeFormer) -> dict[str, Callable]:
     return {"baseline (published-style)": baseline, "ours plain": plain, "ours fused": fused_path}
 
 
-def cuda_variants(ref: RefCodeFormer, ours: CodeFormer, compile_: bool) -> dict[str, Callable]:
+def cuda_variants(ref: RefCodeFormer, ours: CodeFormer, compile_: str) -> dict[str, Callable]:
+    """``compile_``: "no" (eager variants), "yes" (eager and compiled), "only" (baseline and compiled)."""
+    torch.backends.cudnn.benchmark = True
     ours_cl = CodeFormer().cuda().eval().requires_grad_(False).to(memory_format=torch.channels_last)
     ours_cl.load_state_dict(ours.state_dict())
 
@@ -201,12 +203,16 @@ def cuda_variants(ref: RefCodeFormer, ours: CodeFormer, compile_: bool) -> dict[
             return ours_cl(x.contiguous(memory_format=torch.channels_last), w=0.5, adain=True)
 
     out = {"baseline (published-style) fp32": baseline, "ours fp32": fp32, "ours bf16 channels_last": bf16_cl}
-    if compile_:
+    if compile_ == "only":
+        out = {"baseline (published-style) fp32": baseline}
+    if compile_ != "no":
         compiled = torch.compile(ours_cl)
 
         def bf16_compiled(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+            torch._dynamo.maybe_mark_dynamic(x, 0)  # one graph for every batch size
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                return compiled(x.contiguous(memory_format=torch.channels_last), w=0.5, adain=True)
+                return compiled(x, w=0.5, adain=True)
 
         out["ours bf16 channels_last compiled"] = bf16_compiled
     return out
@@ -247,7 +253,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--plain-at-all-sizes", action="store_true",
                         help="also time 'ours plain' above batch 1 (skipped by default to save time)")
-    parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile variant")
+    parser.add_argument("--compile", choices=["yes", "no", "only"], default="yes",
+                        help="CUDA: with the torch.compile variant, without it, or only it (and the baseline)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -265,7 +272,7 @@ def main() -> None:
     inputs = {bs: torch.rand(bs, 3, 512, 512, generator=torch.Generator().manual_seed(bs)).mul(2).sub(1).to(device)
               for bs in args.batch_sizes}
     if device.type == "cuda":
-        variants = cuda_variants(ref, ours, not args.no_compile)
+        variants = cuda_variants(ref, ours, args.compile)
         for bs, x in inputs.items():
             report(bs, measure(variants, x, args.repeats, matmul), flops, matmul)
     else:
