@@ -25,6 +25,9 @@ LFW_FACES = 100
 #: Face box of ``skimage.data.astronaut()`` (rows, cols), framed like the LFW crops.
 ASTRONAUT_FACE = (slice(42, 182), slice(152, 292))
 _DONE = ".complete"
+#: Bump when the faces a given size, num_val and seed produce change (crops, resampling): cached
+#: folders of an older version are then not reused.
+FACES_VERSION = 1
 
 
 def _face_crops(seed: int) -> list[tuple[str, np.ndarray]]:
@@ -49,11 +52,13 @@ def build_face_folder(root: str | os.PathLike, size: int = 32, num_val: int = 8,
     """Write ``root/train/*.png`` and ``root/val/*.png``: aligned RGB faces of ``size`` px.
 
     Idempotent and safe when several processes call it at once (the folder is built aside and
-    moved into place; a finished folder is reused). ``num_val`` faces are held out (fixed by
-    ``seed``), always including one colour face. Returns ``root``.
+    moved into place; a finished folder of the same faces is reused, one of other faces is an
+    error). ``num_val`` faces are held out (fixed by ``seed``), always including one colour face.
+    Returns ``root``. :func:`cached_face_folder` keeps one such folder per size, held-out count and seed.
     """
     root = Path(root)
     if (root / _DONE).is_file():
+        _check_cached(root, _marker(size, num_val, seed))
         return root
     faces = _face_crops(seed)
     rng = np.random.default_rng(seed)
@@ -66,7 +71,7 @@ def build_face_folder(root: str | os.PathLike, size: int = 32, num_val: int = 8,
         split = "val" if i in val else "train"
         (tmp / split).mkdir(exist_ok=True)
         Image.fromarray(image).resize((size, size), Image.BICUBIC).save(tmp / split / f"{name}.png")
-    (tmp / _DONE).write_text(f"size={size} num_val={num_val} seed={seed}\n")
+    (tmp / _DONE).write_text(_marker(size, num_val, seed))
     try:
         tmp.rename(root)
     except OSError:  # another process finished first (or root existed unfinished): keep one copy
@@ -78,15 +83,38 @@ def build_face_folder(root: str | os.PathLike, size: int = 32, num_val: int = 8,
     return root
 
 
+def _marker(size: int, num_val: int, seed: int) -> str:
+    """What a finished face folder holds (the content of its ``.complete`` file)."""
+    return f"size={size} num_val={num_val} seed={seed} version={FACES_VERSION}\n"
+
+
+def _check_cached(root: Path, wanted: str) -> None:
+    found = (root / _DONE).read_text()
+    if found != wanted:
+        raise ValueError(
+            f"{root} holds other quickstart faces ({found.strip()}) than asked for ({wanted.strip()}): remove the "
+            "folder or build into another one (codeformer_lightning.quickstart.face_folder keeps one folder per "
+            "size, held-out count and seed)"
+        )
+
+
+def cached_face_folder(root: str | os.PathLike, size: int = 32, num_val: int = 8, seed: int = 0) -> Path:
+    """``root/<size>px_<num_val>val_seed<seed>_v<FACES_VERSION>``: the quickstart faces of these
+    settings, each in its own folder, so a run at another size never reuses (and resizes) the faces
+    of an earlier run. Built when absent (see :func:`build_face_folder`)."""
+    key = f"{size}px_{num_val}val_seed{seed}_v{FACES_VERSION}"
+    return build_face_folder(Path(root) / key, size=size, num_val=num_val, seed=seed)
+
+
 def face_folder(root: str | os.PathLike, split: str = "train", size: int = 32, num_val: int = 8, seed: int = 0) -> str:
-    """``root/<split>``, building the folder first when needed (see :func:`build_face_folder`).
+    """The ``split`` folder of :func:`cached_face_folder` (built first when needed).
 
     Meant as a nested ``_target_`` in data configs, so the folder exists before the data module
     is built: ``train_dir: {_target_: codeformer_lightning.quickstart.face_folder, root: ..., split: train}``.
     """
     if split not in {"train", "val"}:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    return str(build_face_folder(root, size=size, num_val=num_val, seed=seed) / split)
+    return str(cached_face_folder(root, size=size, num_val=num_val, seed=seed) / split)
 
 
 def _as_8bit(images: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,46 @@ def test_missing_keys_and_shape_mismatch_are_listed(tmp_path):
     text = str(exc.value)
     assert str(path) in text and "missing keys: generator.conv_out.bias" in text
     assert "encoder.levels.0.res.0.conv1.weight: file (64, 64, 1, 1) vs model (64, 64, 3, 3)" in text
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+def _lightning_like(state: dict, **extra) -> dict:
+    """The top-level keys of a Lightning checkpoint (what ``trainer.save_checkpoint`` writes)."""
+    return {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.6.6", "state_dict": state, "loops": {},
+            "callbacks": {}, "optimizer_states": [], "lr_schedulers": [], "hparams_name": "kwargs",
+            "hyper_parameters": {}, **extra}
+
+
+def test_a_foreign_lightning_checkpoint_is_named_with_every_top_level_key(tmp_path, tiny_ae_config):
+    path = tmp_path / "other.ckpt"
+    ae = VQAutoEncoder(**tiny_ae_config)
+    torch.save(_lightning_like({f"model.{k}": v for k, v in ae.state_dict().items()}), path)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(path)
+    message = str(err.value)
+    assert "without codeformer_lightning's network record" in message
+    for key in ("callbacks", "hyper_parameters", "loops", "optimizer_states", "state_dict"):  # none cut off
+        assert key in message
+    # a dict holding no tensors at its top level: every key is listed, the telling one included
+    torch.save({**{f"k{i:02d}": i for i in range(12)}, "state_dict": {"a": 1}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="no tensors found.*k11, state_dict"):
+        load_pretrained(tmp_path / "odd.pth")
+
+
+def test_a_stage_checkpoint_is_loaded_by_its_own_module_only(tmp_path, tiny_ae_config):
+    from codeformer_lightning.checkpoints import LIGHTNING_KEY, describe_network
+    from codeformer_lightning.models.cft import CFTModule
+
+    ae = VQAutoEncoder(**tiny_ae_config)
+    record = {"module": "VQGANModule", "export": "ema.module.", "targets": None,
+              "networks": {"net": describe_network(ae), "discriminator": None, "loss": None}}
+    path = tmp_path / "stage1.ckpt"
+    torch.save(_lightning_like({f"ema.module.{k}": v for k, v in ae.state_dict().items()}, **{LIGHTNING_KEY: record}),
+               path)
+    loaded = load_pretrained(path)  # the network the stage exports, from the recorded config
+    assert type(loaded) is VQAutoEncoder and loaded.variant == "autoencoder"
+    assert all(torch.equal(v, ae.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(CheckpointError, match="a checkpoint of VQGANModule, not of CFTModule"):
+        CFTModule.load_from_checkpoint(path)
+    out = tmp_path / "stage1.safetensors"
+    assert convert_main([str(path), str(out)]) == 0 and type(load_pretrained(out)) is VQAutoEncoder

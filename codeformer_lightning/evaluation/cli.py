@@ -1,8 +1,10 @@
 """``codeformer-evaluate``: metrics for restored faces, from folders or by running a model over w.
 
-Paired folders::
+Paired folders, or the output of ``codeformer-restore`` (one run per w it restored at)::
 
     codeformer-evaluate --restored results/ --gt gt/ --out eval/ --vgg-weights vgg16-397923af.pth
+    codeformer-restore lq/ --aligned -o restored/ --weights codeformer.pth -w 0 0.5 1
+    codeformer-evaluate --restored restored/ --gt gt/ --out eval/      # reports w = 0, 0.5, 1
 
 Restore first, at several fidelity weights, and plot the trade-off::
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from ..inference.tasks import TASKS, TaskError
 from .images import PairingError
-from .metrics import ALL_METRICS, EvaluationConfig, evaluate_folders, evaluate_model
+from .metrics import ALL_METRICS, EvaluationConfig, evaluate_model, evaluate_restored
 from .report import write_report
 
 
@@ -31,7 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="PSNR, SSIM, LPIPS, FID, identity and landmark metrics for restored faces.",
     )
     src = p.add_argument_group("what to evaluate (either --restored, or --weights with --lq)")
-    src.add_argument("--restored", type=Path, help="folder of restored images (matched to --gt by file stem)")
+    src.add_argument(
+        "--restored",
+        type=Path,
+        help="folder of restored images matched to --gt by file stem, or codeformer-restore's output folder (its "
+        "final_results/; names <stem>_w0.50 give one run per w)",
+    )
+    src.add_argument(
+        "--suffix", default="", help="with --restored: the --suffix codeformer-restore was run with"
+    )
     src.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     src.add_argument(
         "--weights", type=Path, help="CodeFormer weight file (.pth or .safetensors): restore --lq first"
@@ -44,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         default=None,
-        help="fidelity weight(s) w in [0, 1] to restore at (with --weights); default: the task's published "
+        help="fidelity weight(s) w, usually in [0, 1], to restore at (with --weights); default: the task's published "
         "value (0.5 restoration, 0 colorization, 1 inpainting)",
     )
     src.add_argument("--no-adain", action="store_true", help="restore without AdaIN colour correction")
@@ -117,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--weights needs --lq DIR (the low-quality faces to restore)")
     if args.weights is None and (args.lq is not None or args.ws is not None or args.task is not None):
         parser.error("--lq, -w and --task only apply with --weights")
-    if any(not 0.0 <= w <= 1.0 for w in args.ws or []):
-        parser.error(f"fidelity weights must lie in [0, 1], got {args.ws}")
+    # above 1 is allowed (with a warning), as in codeformer-restore
+    if any(not w >= 0.0 for w in args.ws or []):
+        parser.error(f"fidelity weights must be >= 0 (usually in [0, 1]), got {args.ws}")
+    if args.suffix and args.restored is None:
+        parser.error("--suffix only applies with --restored")
     config = EvaluationConfig(
         metrics=args.metrics,
         vgg_weights=args.vgg_weights,
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"codeformer-evaluate: {exc}", file=sys.stderr)
                 return 2
         else:
-            results = [evaluate_folders(args.restored, args.gt, config, masks=args.mask)]
+            results = evaluate_restored(args.restored, args.gt, config, masks=args.mask, suffix=args.suffix)
     except (PairingError, FileNotFoundError, TaskError) as exc:  # TaskError: a --mask that does not fit
         print(f"codeformer-evaluate: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ so a batch job can record it and go on.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from ..io import IMAGE_EXTENSIONS, BadImageError, image_files_in, read_image
 
 #: Images smaller than this on a side cannot hold a face worth measuring (SSIM's window is 11 px).
 MIN_SIDE = 11
+#: ``codeformer-restore``'s folder of one result per input (the whole photo, or the face with --aligned)
+RESTORE_RESULTS = "final_results"
+#: the fidelity tag ``codeformer-restore`` puts before the suffix when it restores at several w
+_W_TAG = re.compile(r"(?P<name>.+)_w(?P<w>\d+(?:\.\d+)?)")
 
 
 class PairingError(ValueError):
@@ -62,6 +67,52 @@ def pair_folders(restored: str | Path, gt: str | Path) -> list[tuple[str, Path, 
     if not rest:
         raise PairingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {restored} or {gt}")
     return [(stem, rest[stem], truth[stem]) for stem in sorted(rest)]
+
+
+def restored_runs(
+    restored: str | Path, gt: str | Path, suffix: str = ""
+) -> list[tuple[float | None, list[tuple[str, Path, Path]]]]:
+    """Pair restored images with their ground truth, one run per fidelity weight w:
+    ``[(w or None, [(stem, restored_path, gt_path), ...]), ...]`` (w ascending).
+
+    ``restored``: a folder of images named as the ground truth (one run, w unknown), or
+    ``codeformer-restore``'s output (its folder or the ``final_results/`` in it), whose names carry
+    ``_w0.50`` when it restored at several w (one run per w). ``suffix``: restore's ``--suffix``,
+    removed from the names. Raises PairingError naming the images that match nothing.
+    """
+    folder = Path(restored)
+    if (folder / RESTORE_RESULTS).is_dir():
+        folder = folder / RESTORE_RESULTS
+    found, truth = list_images(folder), list_images(gt)
+    names = {
+        stem.removesuffix(suffix) if suffix and stem.endswith(suffix) else stem: path
+        for stem, path in found.items()
+    }
+    if set(names) == set(truth) and names:
+        return [(None, [(stem, names[stem], truth[stem]) for stem in sorted(names)])]
+    tags = {stem: _W_TAG.fullmatch(stem) for stem in names}
+    if not names or not all(m and m.group("name") in truth for m in tags.values()):
+        try:
+            pair_folders(folder, gt)  # the plain comparison's error lists every unmatched name
+        except PairingError as exc:
+            raise PairingError(
+                f"{exc}\n(codeformer-restore names its results <name>_w0.50<suffix>.png when run at several w: "
+                "give its output folder or final_results/, and --suffix if it was run with one)"
+            ) from None
+        raise PairingError(f"{folder}: names with and without a w tag are mixed")
+    runs: dict[float, dict[str, Path]] = {}
+    for stem, match in tags.items():
+        runs.setdefault(float(match.group("w")), {})[match.group("name")] = names[stem]
+    missing = [
+        f"w={w:g}: {', '.join(sorted(set(truth) - set(run)))}"
+        for w, run in sorted(runs.items())
+        if set(run) != set(truth)
+    ]
+    if missing:
+        raise PairingError(
+            f"{folder}: not every ground-truth image was restored at every w; missing " + "; ".join(missing)
+        )
+    return [(w, [(stem, run[stem], truth[stem]) for stem in sorted(run)]) for w, run in sorted(runs.items())]
 
 
 def load_image(path: str | Path) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import nn
 from ..inference.tasks import MaskSource, Task, TaskError, composite_tensor, override_note, task_of_model
 from ..io import BadImageError, write_image
 from .arcface import ARCFACE_HELP, IResNet, identity_similarity, load_arcface
-from .images import load_image, pair_folders, resize_to, to_uint8
+from .images import load_image, pair_folders, resize_to, restored_runs, to_uint8
 
 #: Every metric this module knows, in table order. Lower is better for lpips, fid, landmarks.
 ALL_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "fid", "identity", "landmarks")
@@ -479,13 +479,18 @@ class MetricSuite:
 
 # ----------------------------------------------------------------------------- entry points
 def _folder_pairs(restored_dir: str | Path, gt_dir: str | Path, masks: MaskSource | None = None):
-    for name, restored_path, gt_path in pair_folders(restored_dir, gt_dir):
+    return _loaded_pairs(pair_folders(restored_dir, gt_dir), masks)
+
+
+def _loaded_pairs(pairs: Iterable[tuple[str, Path, Path]], masks: MaskSource | None = None):
+    for name, restored_path, gt_path in pairs:
 
         def load(rp: Path = restored_path, gp: Path = gt_path) -> tuple[torch.Tensor, ...]:
             restored, gt = load_image(rp), load_image(gp)
             if masks is None:
                 return restored, gt
-            return restored, gt, _mask_tensor(masks, rp, restored.shape[-2:])
+            # matched by the ground truth's name: restored names may carry codeformer-restore's w tag
+            return restored, gt, _mask_tensor(masks, gp, restored.shape[-2:])
 
         yield name, load
 
@@ -520,6 +525,30 @@ def evaluate_folders(
     pairs = list(_folder_pairs(restored_dir, gt_dir, source))  # pair first: a naming error surfaces before any work
     suite = suite or MetricSuite(config or EvaluationConfig(), detector=detector, fid_feature=fid_feature)
     return suite.evaluate(pairs, label=label)
+
+
+def evaluate_restored(
+    restored_dir: str | Path,
+    gt_dir: str | Path,
+    config: EvaluationConfig | None = None,
+    *,
+    suffix: str = "",
+    masks: str | Path | None = None,
+    detector: Any = None,
+    fid_feature: nn.Module | None = None,
+) -> list[EvaluationResult]:
+    """Evaluate a folder of restored images, or ``codeformer-restore``'s output, against ground truth:
+    one :class:`EvaluationResult` per fidelity weight found in the names (labelled ``w=<w>``), or one
+    (``restored``) for images named as the ground truth. See
+    :func:`~codeformer_lightning.evaluation.images.restored_runs` for the layouts and ``suffix``.
+    """
+    source = MaskSource(masks) if masks is not None else None
+    runs = restored_runs(restored_dir, gt_dir, suffix)  # pair first: a naming error surfaces before any work
+    suite = MetricSuite(config or EvaluationConfig(), detector=detector, fid_feature=fid_feature)
+    return [
+        suite.evaluate(_loaded_pairs(pairs, source), label="restored" if w is None else f"w={w:g}", w=w)
+        for w, pairs in runs
+    ]
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

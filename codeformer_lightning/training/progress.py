@@ -7,6 +7,7 @@ data set's size, so Lightning's per-epoch bars print one line per epoch with an 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -63,6 +64,7 @@ class StepProgressBar(ProgressBar):
         leave: keep the finished bar on screen.
         line_every_n_steps: steps between lines in ``lines`` mode (None: a tenth of the run).
         mode: ``auto``, ``live`` or ``lines``.
+        console: the ``rich.console.Console`` of the live bar (default: Rich's, on stdout).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class StepProgressBar(ProgressBar):
         leave: bool = True,
         line_every_n_steps: int | None = None,
         mode: str = "auto",
+        console: Any = None,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -79,6 +82,7 @@ class StepProgressBar(ProgressBar):
         self.leave = leave
         self.line_every_n_steps = line_every_n_steps
         self.mode = mode
+        self.console = console
         self._enabled = refresh_rate > 0
         self._progress = None  # rich.progress.Progress while the live bar runs
         self._train_task = self._val_task = None
@@ -109,8 +113,10 @@ class StepProgressBar(ProgressBar):
             return self.mode == "live"
         from rich.console import Console
 
-        console = Console()
-        return console.is_terminal or console.is_jupyter
+        console = self.console or Console()
+        if console.is_jupyter:  # Rich draws live bars in notebooks through ipywidgets only
+            return importlib.util.find_spec("ipywidgets") is not None
+        return console.is_terminal
 
     def _description(self, step: int) -> str:
         return f"step {step}/{self._total if self._total is not None else '?'}"
@@ -151,6 +157,7 @@ class StepProgressBar(ProgressBar):
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
                 transient=not self.leave,
+                console=self.console,
             )  # fmt: skip
             self._progress.start()
             self._train_task = self._progress.add_task(

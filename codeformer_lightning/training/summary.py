@@ -23,7 +23,7 @@ from .callbacks import ExportWeights
 #: metrics that count, not measure
 _COUNTERS = {"step", "epoch"}
 #: the label of the checkpoint to resume from
-LAST = "to resume from (ckpt_path=...)"
+LAST = "resume with ckpt_path=<this file>"
 
 
 def shown_path(path: str | os.PathLike) -> str:

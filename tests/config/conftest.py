@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from codeformer_lightning.quickstart import build_face_folder
+from codeformer_lightning.quickstart import cached_face_folder
 
 CONF_MODULE = "codeformer_lightning.conf"
 HERE = Path(__file__).resolve().parent
@@ -40,7 +40,14 @@ def _quiet_lightning():
 
 @pytest.fixture(scope="session")
 def face_folder(tmp_path_factory) -> Path:
-    return build_face_folder(tmp_path_factory.mktemp("data") / "quickstart_faces", size=32)
+    """The 32 px quickstart faces where ``paths.data_dir=<face_folder.data_dir>`` finds them."""
+    data_dir = tmp_path_factory.mktemp("data")
+    return cached_face_folder(data_dir / "quickstart_faces", size=32)
+
+
+def data_dir_of(faces: Path) -> Path:
+    """The ``paths.data_dir`` whose quickstart config reads ``faces`` (``<data_dir>/quickstart_faces/<key>``)."""
+    return faces.parent.parent
 
 
 @pytest.fixture
@@ -113,7 +120,7 @@ def quickstart_run(face_folder, tmp_path_factory) -> QuickstartRun:
     proc = run_module(
         "codeformer_lightning.commands.train", "experiment=quickstart", "trainer.max_steps=6",
         "trainer.val_check_interval=3", "trainer.log_every_n_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3",
-        "callbacks.model_checkpoint.save_top_k=-1", f"paths.data_dir={face_folder.parent}",
+        "callbacks.model_checkpoint.save_top_k=-1", f"paths.data_dir={data_dir_of(face_folder)}",
         cwd=cwd, timeout=900, WANDB_MODE="disabled",
     )
     (folder,) = [p for p in (cwd / "outputs" / "quickstart").iterdir() if p.is_dir()]

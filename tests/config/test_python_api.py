@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import command_env
+from conftest import command_env, data_dir_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def _report(stdout: str) -> dict:
 
 
 def test_compose_and_run_from_python_outside_the_repository(face_folder, tmp_path):
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(face_folder.parent)], cwd=tmp_path, env=command_env(),
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(data_dir_of(face_folder))], cwd=tmp_path, env=command_env(),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = _report(done.stdout)

@@ -64,7 +64,7 @@ def test_the_run_ends_with_where_its_files_are_and_the_final_metrics(quickstart_
     assert f"{run.name}/ (grid.png, metrics.csv, metrics.md)" in summary
     for stage in STAGES:
         assert f"{run.name}/{stage}/weights/quickstart_{stage}.safetensors" in summary
-        assert f"{run.name}/{stage}/checkpoints/ (last.ckpt: to resume from" in summary
+        assert f"{run.name}/{stage}/checkpoints/ (last.ckpt: resume with ckpt_path=<this file>" in summary
         assert f"{run.name}/{stage}/csv/metrics.csv" in summary
     assert "quickstart_vqgan.safetensors (+ quickstart_vqgan_discriminator.safetensors)" in summary
     # the final table holds the numbers of metrics.csv (written with 3 decimals, printed with 4 digits)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import data_dir_of
 from omegaconf import OmegaConf
 
 from codeformer_lightning import load_pretrained
@@ -30,7 +31,7 @@ def _only_run(folder: Path) -> Path:
 
 def _quick(*extra: str, data_root: Path) -> list[str]:
     """Overrides shared by the command tests: the session's face folder, no progress bar, few steps."""
-    return [f"paths.data_dir={data_root.parent}",
+    return [f"paths.data_dir={data_dir_of(data_root)}",
             "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", *extra]
 
