@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from codeformer_lightning.quickstart import build_face_folder
+from codeformer_lightning.quickstart import cached_face_folder
 
 TRAIN = "codeformer_lightning.commands.train"
 JOB_ID = "4242"
@@ -27,7 +27,7 @@ JOB_ID = "4242"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    build_face_folder(root / "quickstart_faces", size=32)
+    cached_face_folder(root / "quickstart_faces", size=32)  # where data=sample_faces looks for it
     return root
 
 
