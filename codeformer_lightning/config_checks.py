@@ -53,8 +53,8 @@ _STAGE_I_EXPORT = "/path/to/vqgan.safetensors"
 class ConfigError(ValueError):
     """The composed config cannot run; the message lists every problem and how to fix it."""
 
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
         count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
         super().__init__(
             f"The configuration cannot run ({count}):\n" + "\n".join(f"  - {p}" for p in self.problems)
