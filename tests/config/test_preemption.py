@@ -78,7 +78,11 @@ def _signal_after_first_checkpoint(
     return proc
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGUSR1, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["SIGUSR1", "SIGTERM"],
+)
 def test_signal_leads_to_checkpoint_requeue_exit_and_the_next_start_resumes(
     tmp_path, data_dir, fake_slurm, signum
 ):
