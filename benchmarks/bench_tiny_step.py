@@ -32,7 +32,7 @@ def main(batch: int = 4, iters: int = 10) -> None:
 
         def step(model=model, x=x):
             if isinstance(model, CodeFormer):
-                out = model.restore(x, w=1.0)
+                out = model.restore(x, w=1.0, adain=False)  # a stage III training step (no AdaIN)
                 loss = out.image.abs().mean() + out.logits.logsumexp(-1).mean()
             else:
                 recon, q = model(x)

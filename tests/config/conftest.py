@@ -13,14 +13,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from command_helpers import data_dir_of, run_module
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -28,7 +26,6 @@ from omegaconf import DictConfig, open_dict
 from codeformer_lightning.quickstart import cached_face_folder
 
 CONF_MODULE = "codeformer_lightning.conf"
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +42,6 @@ def face_folder(tmp_path_factory) -> Path:
     return cached_face_folder(data_dir / "quickstart_faces", size=32)
 
 
-def data_dir_of(faces: Path) -> Path:
-    """The ``paths.data_dir`` whose quickstart config reads ``faces`` (``<data_dir>/quickstart_faces/<key>``)."""
-    return faces.parent.parent
-
-
 @pytest.fixture
 def compose_cfg(tmp_path):
     GlobalHydra.instance().clear()
@@ -64,31 +56,6 @@ def compose_cfg(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
-
-
-def command_env(**extra: str) -> dict[str, str]:
-    """Environment of a test command: one thread per process, W&B offline, this folder importable."""
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="1",
-        PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
-    env.update(extra)
-    return env
-
-
-def run_module(module: str, *args: str, cwd: Path, timeout: float = 300, check: bool = True, **env: str):
-    """``python -m <module> <args>`` in ``cwd``; fails the test with the output tail when it fails (``check``)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=command_env(**env),
-        capture_output=True, text=True, timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"`python -m {module} {' '.join(args)}` failed ({proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
 
 
 @pytest.fixture

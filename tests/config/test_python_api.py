@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import command_env, data_dir_of
+from command_helpers import command_env, data_dir_of
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import data_dir_of
+from command_helpers import data_dir_of
 from omegaconf import OmegaConf
 
 from codeformer_lightning import load_pretrained
