@@ -190,7 +190,7 @@ class CFTModule(StageModule):
 
     @classmethod
     def file_free_kwargs(cls, networks: dict) -> dict:
-        return {"init_from": None, "autoencoder": None, "discriminator_from": None}
+        return {"init_from": None, "autoencoder": None, "discriminator_from": RANDOM_DISCRIMINATOR if networks.get("discriminator") else None}
 
     def __init__(
         self,

@@ -306,7 +306,7 @@ def _fit(
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
-        limit_train_batches=limit,
+        limit_train_batches=limit, default_root_dir=ckpt_dir or shards.parent,  # never the working directory
     )  # fmt: skip
     module = _Recorder()
     with warnings.catch_warnings():

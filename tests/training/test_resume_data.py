@@ -159,6 +159,7 @@ def _fit(
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, val_check_interval=3,
+        default_root_dir=ckpt_dir or folder.parent,  # never the working directory
         check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
     )  # fmt: skip
     module = _Recorder()
