@@ -5,8 +5,8 @@ the main process.
 global torch generator when the epoch's iterator is created, so a resumed run (fresh generator)
 sees a different order and cannot continue inside an epoch. Why not torchdata's
 ``StatefulDataLoader``: its state counts the batches its iterator *yielded*, and Lightning's fit
-loop always fetches one batch ahead (workers prefetch more), so a checkpoint taken after batch
-``k`` records ``k + 1`` and the resumed run silently skips a batch. Here the order of epoch ``e`` is
+loop fetches ahead of the step it runs (workers prefetch more), so a checkpoint taken after batch
+``k`` can record ``k + 1`` and the resumed run then silently skips a batch. Here the order of epoch ``e`` is
 a function of ``(seed, e)`` only, and the position saved is the number of batches the *training
 loop* consumed (``FaceDataModule`` asks the trainer), whatever was prefetched:
 

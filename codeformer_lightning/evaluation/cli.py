@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--vgg-weights", type=Path, help="LPIPS: torchvision vgg16-397923af.pth (default: torch hub cache)"
     )
-    m.add_argument("--lpips-heads", type=Path, help="LPIPS: v0.1 linear heads vgg.pth (optional)")
+    m.add_argument("--lpips-heads", type=Path, help="LPIPS: v0.1 linear heads (default: the published heads shipped with the package)")
     m.add_argument(
         "--fid-weights", type=Path, help="FID: torch-fidelity weights-inception-2015-12-05-6726825d.pth"
     )

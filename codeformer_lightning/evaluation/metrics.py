@@ -62,7 +62,7 @@ FID_HELP = (
 LPIPS_HELP = (
     "LPIPS needs torchvision's VGG16 ImageNet weights vgg16-397923af.pth "
     "(https://download.pytorch.org/models/vgg16-397923af.pth): pass --vgg-weights PATH, or put the file "
-    "in the torch hub cache (<torch hub dir>/checkpoints/). Optional LPIPS v0.1 heads: --lpips-heads vgg.pth."
+    "in the torch hub cache (<torch hub dir>/checkpoints/). The LPIPS v0.1 linear heads ship with the package (--lpips-heads PATH: others)."
 )
 
 
