@@ -239,9 +239,12 @@ def measure(variants: dict[str, Callable], x: torch.Tensor, repeats: int, matmul
     for fn in variants.values():  # warm-up: oneDNN primitives, packed weights, heap
         fn(x)
     results: dict[str, list[dict]] = {name: [] for name in variants}
-    for _ in range(repeats):  # interleaved, so that load changes hit every variant alike
+    for i in range(repeats):  # interleaved, so that load changes hit every variant alike
         for name, fn in variants.items():
-            results[name].append(run_once(fn, x, matmul))
+            r = run_once(fn, x, matmul)
+            results[name].append(r)
+            print(f"  batch {x.shape[0]} run {i}: {name} {r['seconds']:.2f} s, matmul {r['matmul']:.0f} GFLOPS",
+                  flush=True)
     return results
 
 

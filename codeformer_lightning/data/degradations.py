@@ -7,6 +7,28 @@ values, see ``docs/recipe.md``): 41x41 isotropic / anisotropic Gaussian blur, bi
 colour changes of the input (:mod:`.color`). ``tests/data/test_preset_distributions.py`` compares
 the resulting pairs with a plain re-implementation of the published steps.
 
+Faces of other sizes (``DegradationConfig.reference_size``): the presets' ranges are in pixels of
+the 512 px faces they were published for. On an ``S`` px face every quantity that is a length on
+the face scales by ``s = S / 512``, so the face loses the same detail relative to its size as a
+512 px face does (the rule, measured against degrading at 512 px and resizing, in
+``tests/data/test_resolution_scaling.py`` and the README):
+
+* blur: sigma (and a motion-blur length) times ``s``; the kernel keeps the taps within the
+  published radius measured in 512 px units, ``2 * floor(20 s) + 1`` taps (41 at 512, 5 at 64);
+* downsample: the small image keeps the published number of pixels per face, ``floor(512 / r)``
+  (``r`` drawn from the published range): the factor on the ``S`` px face is ``r * s``. Keeping
+  ``r`` itself instead would leave ``S / r`` px (2 px of a 64 px face at ``r = 30``, where the
+  published pipeline keeps 17): PSNR ~7 dB below the 512 px reference at 64 px;
+* noise and JPEG act on that small image as published: noise sigma is per pixel of it and JPEG's
+  8x8 blocks cover the same share of the face. Where ``floor(512 / r)`` exceeds ``S`` (a mild
+  downsample of a large face, finer than the small face itself) the face is upsampled (bicubic) to
+  that size for the noise and the JPEG and reduced back with pixel-area averaging (what the 512 px
+  result looks like at ``S`` px). Noise and JPEG on the ``S`` px face itself would put 8x8 blocks
+  of a quarter of a 32 px face on it (stage III small at 32 px: 28.5 dB instead of 31.8 dB);
+* grey-level quantities (noise sigma in grey levels, JPEG quality, colour changes) do not change.
+
+At ``S = reference_size`` nothing changes: the published pipeline, bit for bit.
+
 All functions work on ``(H, W, 3) uint8 RGB`` numpy images and draw every random choice from a
 ``numpy.random.Generator`` passed in, so a dataset that derives the generator from (seed, epoch,
 index) gets reproducible pairs.
@@ -40,6 +62,8 @@ from .color import JITTER_OPS
 
 #: the published kernel size (41 x 41)
 KERNEL_SIZE = 41
+#: the face size (px) the published degradation ranges were defined for
+PUBLISHED_SIZE = 512
 #: dropped SVD terms of an anisotropic kernel may change a pixel (0..255 scale) by at most this
 #: (a worst-case bound; the result is rounded to whole grey levels afterwards)
 SVD_TOLERANCE = 0.05
@@ -54,6 +78,10 @@ class DegradationConfig:
     downsample; the small image is ``floor(H / r)`` px, as published). ``jpeg_range``: the quality
     is ``int(q)`` for ``q`` uniform in the range, as published (so the high end itself is never
     drawn unless ``low == high``).
+
+    ``reference_size``: the face size (px) the lengths above were defined for (the presets: 512,
+    the published faces). An image of another size gets them scaled by ``size / reference_size``
+    (see the module docstring); ``None``: they are in pixels of whatever image is degraded.
 
     Colour changes of the degraded input (the published colorization options; off in the stage II
     and III presets), in the published order: a per-channel shift of up to ``color_jitter_shift``
@@ -82,10 +110,15 @@ class DegradationConfig:
     contrast: tuple[float, float] = (0.5, 1.5)
     saturation: tuple[float, float] = (0.0, 1.5)
     hue: tuple[float, float] = (-0.1, 0.1)
+    reference_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernel_size % 2 != 1 or self.kernel_size < 1:
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        if self.reference_size is not None and self.reference_size < 1:
+            raise ValueError(
+                f"reference_size must be a positive face size in px (or None), got {self.reference_size}"
+            )
         for name in (
             "blur_sigma", "motion_length", "downsample_range", "noise_range", "jpeg_range",
             "brightness", "contrast", "saturation", "hue",
@@ -130,7 +163,11 @@ class DegradationConfig:
 # The published data options (CodeFormer's options/*.yml and FFHQBlind(Joint)Dataset), see
 # docs/recipe.md: stage II and the large stage III degradations ...
 _STAGE2 = DegradationConfig(
-    blur_sigma=(1.0, 15.0), downsample_range=(4.0, 30.0), noise_range=(0.0, 20.0), jpeg_range=(30, 80)
+    blur_sigma=(1.0, 15.0),
+    downsample_range=(4.0, 30.0),
+    noise_range=(0.0, 20.0),
+    jpeg_range=(30, 80),
+    reference_size=PUBLISHED_SIZE,
 )
 # ... the small stage III degradations ...
 _STAGE3_SMALL = _STAGE2.replace(
@@ -144,7 +181,9 @@ _COLORIZATION = _STAGE2.replace(
 # Beyond the published stage II / III options: a colour shift (p 0.3, +-20) and grayscale (p 0.01)
 # on top of the ranges, what this library's stage presets did before they followed the options.
 _EXTRA_JITTER = {"color_jitter_prob": 0.3, "color_jitter_shift": 20.0, "gray_prob": 0.01}
-_NONE = DegradationConfig(blur=False, downsample=False, noise=False, jpeg=False)
+_NONE = DegradationConfig(
+    blur=False, downsample=False, noise=False, jpeg=False, reference_size=PUBLISHED_SIZE
+)
 
 #: Named degradations: the published ones (``none`` for stage I and inpainting, ``stage2``,
 #: ``stage3_small``, ``stage3_large``, ``colorization``) and the ``*_jitter`` extras.
@@ -176,8 +215,12 @@ def preset(name: str | DegradationConfig) -> DegradationConfig:
 class DegradationParams:
     """One draw of the degradation model (``None`` / 0 where a step is off).
 
-    ``kernel``: ``(K, K)`` float64 summing to 1; ``out_size``: ``(h, w)`` of the downsampled image
-    (``scale`` = the drawn factor r; the effective factor is ``H / h``).
+    The drawn values (``sigma_x``, ``sigma_y``, ``motion_length``, ``scale`` = the factor r,
+    ``noise_sigma``, ``jpeg_quality``, ...) are in the config's units (pixels of a
+    ``reference_size`` face); what is applied to the image is in its own pixels: ``kernel``
+    ``(K, K)`` float64 summing to 1 (lengths times ``size_scale``), ``out_size`` ``(h, w)`` of the
+    small image the noise and JPEG act on (the effective factor is ``H / h``; larger than the image
+    when ``size_scale < 1`` and ``r`` is small, see the module docstring).
     """
 
     kernel_kind: str | None = None  # "iso", "aniso" or "motion"
@@ -194,6 +237,7 @@ class DegradationParams:
     gray: bool = False
     jitter_order: tuple[int, ...] | None = None  # indices into color.JITTER_OPS
     jitter_factors: dict[str, float] | None = None
+    size_scale: float = 1.0  # image px per reference px (1: no scaling)
 
     @property
     def changes_colors(self) -> bool:
@@ -223,9 +267,10 @@ def gaussian_kernel_2d(sigma_x: float, sigma_y: float, theta: float, size: int =
     return k / k.sum()
 
 
-def motion_kernel(length: int, angle: float, size: int = KERNEL_SIZE) -> np.ndarray:
-    """``(size, size)`` float64 line of ``length`` px through the centre at ``angle`` radians; sums to 1."""
-    length = max(1, min(int(length), size))
+def motion_kernel(length: float, angle: float, size: int = KERNEL_SIZE) -> np.ndarray:
+    """``(size, size)`` float64 line of ``length`` px (to a quarter pixel; at least 1) through the
+    centre at ``angle`` radians; sums to 1."""
+    length = max(1.0, min(float(length), size))
     k = np.zeros((size, size), np.float32)
     c = size // 2
     half = (length - 1) / 2
@@ -240,19 +285,44 @@ def motion_kernel(length: int, angle: float, size: int = KERNEL_SIZE) -> np.ndar
     return k / k.sum()
 
 
+def size_scale(cfg: DegradationConfig, size: tuple[int, int]) -> float:
+    """Image pixels per pixel of ``cfg``'s ranges for an image of ``size = (H, W)``:
+    ``max(H, W) / cfg.reference_size`` (1 without a reference size)."""
+    return 1.0 if cfg.reference_size is None else max(size) / cfg.reference_size
+
+
+def scaled_kernel_size(kernel_size: int, scale: float) -> int:
+    """Odd kernel size on an image ``scale`` times the reference: the taps within the reference
+    kernel's radius, in reference pixels (``2 * floor(radius * scale) + 1``; 41 -> 5 at 1/8)."""
+    return 2 * math.floor((kernel_size // 2) * scale + 1e-9) + 1
+
+
+def reference_extent(cfg: DegradationConfig, size: tuple[int, int]) -> tuple[float, float]:
+    """``size = (H, W)`` in pixels of ``cfg``'s ranges (``(H, W)`` without a reference size; a square
+    image measures ``reference_size`` exactly)."""
+    if cfg.reference_size is None:
+        return float(size[0]), float(size[1])
+    side = max(size)
+    return size[0] * cfg.reference_size / side, size[1] * cfg.reference_size / side
+
+
 def sample_params(
     cfg: DegradationConfig, rng: np.random.Generator, size: tuple[int, int]
 ) -> DegradationParams:
     """Draw one degradation for an image of ``size = (H, W)``; the order of draws is fixed (the
-    published order: kernel, factor, noise, JPEG quality, colour shift, grayscale, jitter)."""
-    h, w = size
-    p = DegradationParams()
+    published order: kernel, factor, noise, JPEG quality, colour shift, grayscale, jitter), and does
+    not depend on ``size`` (a 64 px and a 512 px image get the same draws, scaled)."""
+    p = DegradationParams(size_scale=size_scale(cfg, size))
+    # the published resize target is int(512 // r): floor of the small size, here in the image's
+    # pixels when it is the reference size, else of the reference size (the same pixels per face)
+    h, w = size if p.size_scale == 1.0 else reference_extent(cfg, size)
     if cfg.blur:
         _sample_kernel(cfg, rng, p)
     if cfg.downsample:
         p.scale = float(rng.uniform(*cfg.downsample_range))
-        # the published resize target: int(512 // r), floor of the true size
         p.out_size = (max(1, int(h // p.scale)), max(1, int(w // p.scale)))
+    elif p.size_scale != 1.0 and (cfg.noise or cfg.jpeg):
+        p.out_size = (max(1, round(h)), max(1, round(w)))  # noise and JPEG at the reference density
     if cfg.noise:
         p.noise_sigma = float(rng.uniform(*cfg.noise_range))
     if cfg.jpeg:
@@ -268,22 +338,25 @@ def sample_params(
 
 
 def _sample_kernel(cfg: DegradationConfig, rng: np.random.Generator, p: DegradationParams) -> None:
-    """Draw the blur kernel into ``p``: motion (extra, off by default), anisotropic or isotropic."""
+    """Draw the blur kernel into ``p``: motion (extra, off by default), anisotropic or isotropic;
+    the kernel's lengths are scaled by ``p.size_scale``."""
     lo, hi = cfg.blur_sigma
+    s = p.size_scale
+    size = cfg.kernel_size if s == 1.0 else scaled_kernel_size(cfg.kernel_size, s)
     if cfg.motion_blur_prob and rng.random() < cfg.motion_blur_prob:
         p.kernel_kind = "motion"
         p.motion_length = int(rng.integers(cfg.motion_length[0], cfg.motion_length[1] + 1))
         p.theta = float(rng.uniform(-math.pi, math.pi))
-        p.kernel = motion_kernel(p.motion_length, p.theta, cfg.kernel_size)
+        p.kernel = motion_kernel(p.motion_length * s, p.theta, size)
     elif rng.random() < cfg.anisotropic_prob:
         p.kernel_kind = "aniso"
         p.sigma_x, p.sigma_y = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
         p.theta = float(rng.uniform(-math.pi, math.pi))
-        p.kernel = gaussian_kernel_2d(p.sigma_x, p.sigma_y, p.theta, cfg.kernel_size)
+        p.kernel = gaussian_kernel_2d(p.sigma_x * s, p.sigma_y * s, p.theta, size)
     else:
         p.kernel_kind = "iso"
         p.sigma_x = p.sigma_y = float(rng.uniform(lo, hi))
-        g = gaussian_kernel_1d(p.sigma_x, cfg.kernel_size)
+        g = gaussian_kernel_1d(p.sigma_x * s, size)
         p.kernel = np.outer(g, g)
 
 
@@ -640,19 +713,26 @@ def apply_degradation(image: np.ndarray, params: DegradationParams, rng: np.rand
     Returns ``(H, W, 3) uint8 RGB`` of the input's size, in the published order: blur, downsample,
     noise, JPEG (of the image rounded to 8 bit), bilinear resize back, then the colour changes
     (shift, grayscale, jitter). Between JPEG and the end the image stays unrounded float, as in the
-    published pipeline, and is rounded once.
+    published pipeline, and is rounded once. A small image larger than the input (scaled draws, see
+    the module docstring) is reached by a bicubic upsample after the blur and left by area averaging.
     """
     h, w = image.shape[:2]
     out = image
+    finer = params.out_size is not None and params.out_size[0] * params.out_size[1] > h * w
     if params.kernel is not None or params.out_size is not None or params.noise_sigma > 0:
-        low = blur_and_downsample(image, params.kernel, params.out_size)
+        if finer:  # a scaled draw whose small image is larger than this face (module docstring)
+            low = blur_and_downsample(image, params.kernel, None)
+            low = cv2.resize(low, params.out_size[::-1], interpolation=cv2.INTER_CUBIC)
+        else:
+            low = blur_and_downsample(image, params.kernel, params.out_size)
         if params.noise_sigma > 0:
             low += gaussian_noise(low.shape, params.noise_sigma, rng)
         out = np.clip(low, 0.0, 255.0)
     if params.jpeg_quality is not None:
         out = jpeg_round_trip(_to_uint8(out), params.jpeg_quality)
     if out.shape[:2] != (h, w):
-        out = cv2.resize(np.ascontiguousarray(out, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        back = cv2.INTER_AREA if finer else cv2.INTER_LINEAR  # finer: the pixel-area view of it
+        out = cv2.resize(np.ascontiguousarray(out, np.float32), (w, h), interpolation=back)
     if params.changes_colors:
         out = _change_colors(out.astype(np.float32), params)
     return _to_uint8(out)

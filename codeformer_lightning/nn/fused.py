@@ -145,15 +145,16 @@ def upsample_conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.view(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
-def retain_freed_cpu_memory(max_block_bytes: int = 1 << 30) -> bool:
+def retain_freed_cpu_memory(max_block_bytes: int = 2**31 - 1) -> bool:
     """Keep freed blocks of up to ``max_block_bytes`` in the process heap (glibc only; process-wide).
 
     glibc returns every freed block above 32 MiB to the kernel, so each new activation of that size
     (a 512x512x64 float map is 64 MiB) is mapped afresh and zeroed page by page by the kernel: about
-    a tenth of the CPU time of a 512 px forward. With the thresholds raised, the heap settles after
-    the first forward and later ones reuse it. The cost: the process keeps its peak heap (about the
-    forward's peak activations) instead of returning it between calls. Returns False where the C
-    library has no ``mallopt`` (not glibc); nothing changes then.
+    a tenth of the CPU time of a 512 px forward. With the thresholds raised (default: the largest
+    a C ``int`` holds, 2 GiB, which covers a batch of 8 at 512 px), the heap settles after the first
+    forward and later ones reuse it. The cost: the process keeps its peak heap (about the forward's
+    peak activations) instead of returning it between calls. Returns False where the C library has
+    no ``mallopt`` (not glibc); nothing changes then.
     """
     import ctypes
     import ctypes.util

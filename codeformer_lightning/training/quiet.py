@@ -27,6 +27,12 @@ IRRELEVANT_WARNINGS: tuple[tuple[str, str], ...] = (
         "run, so short epochs (small data sets) still log",
     ),
     (
+        r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`",
+        "stages I and III step every schedule once per step, as published, also the discriminator's "
+        "before its first update (disc_start_step; the quickstart's stage III has no GAN term): its rate "
+        "follows the step count, whether or not it has stepped yet",
+    ),
+    (
         r".*isinstance\(treespec, LeafSpec\)",
         "a deprecation inside Lightning's own pytree helper (torch >= 2.10), nothing our code can change",
     ),

@@ -37,7 +37,9 @@ COINCIDENCES: dict[tuple[str, str], str] = {
     ("model.d_optimizer.lr", "7e-05"): f"{_PUBLISHED}: stage I and inpainting discriminator rates",
     ("model.scheduler.gamma", "0.5"): f"{_PUBLISHED}: the stage II and inpainting schedules both halve",
     ("trainer.log_every_n_steps", "10"): "debug=overfit's logging and the quickstart stages' logging",
-    ("trainer.max_steps", "300"): "debug=overfit's length and the quickstart stage I length",
+    ("model.net.attn_resolutions", "[16]"): (
+        "attention on the latent, 16x16 both in the published autoencoder and in the quickstart's"
+    ),
 }
 
 

@@ -34,7 +34,10 @@ STAGE_ARGS = {
     # the GAN from step 2 and dead-code restarts every 3 steps: every piece of state is exercised
     "vqgan": ["experiment=quickstart_vqgan", "model.disc_start_step=2", "model.dead_code_steps=3"],
     "code_predictor": ["experiment=quickstart_code_predictor"],
-    "cft": ["experiment=quickstart_cft", "model.disc_start_step=2", "model.discriminator_from=random"],
+    "cft": [
+        "experiment=quickstart_cft", "model.gan_weight=0.1", "model.disc_start_step=2",
+        "model.discriminator_from=random",
+    ],
 }
 
 
