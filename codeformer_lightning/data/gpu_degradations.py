@@ -18,6 +18,11 @@ not bit-identical.
 * bilinear resize back, then colour shift, grayscale and the torchvision-style jitter per sample
   (the published order; downsampled size ``floor(H / r)`` and JPEG quality ``int(q)`` as
   published), rounded to 8-bit levels once at the end.
+
+Faces of another size than the config's ``reference_size`` get its lengths scaled by the rule of
+:mod:`.degradations` (sigma and kernel taps times ``size / reference_size``; the small image keeps
+the published pixels per face, reached by a bicubic upsample and left by area averaging when it is
+larger than the face), so both paths degrade a 32 px face alike.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .color import JITTER_OPS
-from .degradations import DegradationConfig, preset
+from .degradations import DegradationConfig, preset, reference_extent, scaled_kernel_size, size_scale
 
 _LUMA_Q = torch.tensor(
     [
@@ -142,15 +147,19 @@ def degrade_batch(
         )
     img = (x.float() + 1) * 127.5  # grey levels
     params: dict[str, torch.Tensor] = {}
+    scale = size_scale(cfg, tuple(x.shape[-2:]))
     if cfg.blur:
-        img = _blur(img, cfg, generator, params)
+        img = _blur(img, cfg, generator, params, scale)
     lq = _resample_noise_jpeg(img, cfg, generator, params)
     lq = _change_colors(lq, cfg, generator, params)
     return (lq.round() / 127.5 - 1).clamp(-1, 1).to(x.dtype), params
 
 
-def _blur(img: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, params: dict) -> torch.Tensor:
-    """Per-sample isotropic / anisotropic Gaussian blur (the published kernel mix)."""
+def _blur(
+    img: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, params: dict, scale: float = 1.0
+) -> torch.Tensor:
+    """Per-sample isotropic / anisotropic Gaussian blur (the published kernel mix); ``params`` get
+    the drawn sigmas (reference pixels), the kernels are ``scale`` times them (image pixels)."""
     b = img.shape[0]
     lo, hi = cfg.blur_sigma
     aniso = torch.rand(b, generator=gen, device=gen.device) < cfg.anisotropic_prob
@@ -159,14 +168,18 @@ def _blur(img: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, param
     sy = torch.where(aniso, sy, sx)
     theta = torch.where(aniso, theta, torch.zeros_like(theta))
     params.update(sigma_x=sx, sigma_y=sy, theta=theta)
-    return fft_blur(img, gaussian_kernels(sx, sy, theta, cfg.kernel_size).to(img.device))
+    taps = cfg.kernel_size if scale == 1.0 else scaled_kernel_size(cfg.kernel_size, scale)
+    return fft_blur(img, gaussian_kernels(sx * scale, sy * scale, theta, taps).to(img.device))
 
 
 def _resample_noise_jpeg(
     img: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator, params: dict
 ) -> torch.Tensor:
-    """Downsample to ``floor(H / r)``, add noise, JPEG at ``int(q)``, resize back (per sample)."""
+    """Downsample to ``floor(H / r)`` (``H`` in reference pixels), add noise, JPEG at ``int(q)``,
+    resize back (per sample)."""
     b, _, h, w = img.shape
+    scaled = size_scale(cfg, (h, w)) != 1.0
+    ref_h, ref_w = reference_extent(cfg, (h, w)) if scaled else (h, w)
     ones = torch.ones(b, dtype=torch.float64, device=gen.device)
     scale = _uniform(b, *cfg.downsample_range, gen) if cfg.downsample else ones
     noise = _uniform(b, *cfg.noise_range, gen) if cfg.noise else 0 * ones
@@ -176,9 +189,17 @@ def _resample_noise_jpeg(
     out = []
     for i in range(b):
         r = float(scale[i])
-        size = (max(1, int(h // r)), max(1, int(w // r)))
+        if cfg.downsample:
+            size = (max(1, int(ref_h // r)), max(1, int(ref_w // r)))
+        elif scaled and (cfg.noise or cfg.jpeg):  # noise and JPEG at the reference density
+            size = (max(1, round(ref_h)), max(1, round(ref_w)))
+        else:
+            size = (h, w)
+        finer = size[0] * size[1] > h * w  # the small image is larger than this face
         low = img[i : i + 1]
-        if size != (h, w):
+        if finer:
+            low = F.interpolate(low, size=size, mode="bicubic", align_corners=False)
+        elif size != (h, w):
             low = F.interpolate(low, size=size, mode="bilinear", align_corners=False, antialias=False)
         if noise[i] > 0:
             low = low + torch.randn(low.shape, generator=gen, device=gen.device).to(low.device) * float(
@@ -187,7 +208,9 @@ def _resample_noise_jpeg(
         low = low.clamp(0, 255)
         if cfg.jpeg:
             low = jpeg_approx(low[0].round(), int(quality[i]))[None]
-        if size != (h, w):
+        if finer:  # its pixel-area view at this size
+            low = F.interpolate(low, size=(h, w), mode="area")
+        elif size != (h, w):
             low = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
         out.append(low)
     return torch.cat(out)

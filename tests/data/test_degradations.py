@@ -172,7 +172,7 @@ def test_kernel_sampling_covers_iso_and_aniso_and_angles():
     rng = np.random.default_rng(0)
     kinds, thetas = [], []
     for _ in range(300):
-        p = D.sample_params(D.PRESETS["stage2"], rng, (64, 64))
+        p = D.sample_params(D.PRESETS["stage2"], rng, (512, 512))  # the preset's own size: 41 taps
         kinds.append(p.kernel_kind)
         assert p.kernel.shape == (41, 41) and p.kernel.sum() == pytest.approx(1.0)
         assert 1.0 <= p.sigma_x <= 15.0 and 1.0 <= p.sigma_y <= 15.0

@@ -78,3 +78,34 @@ def test_degrade_batch_seeded_ranges_and_noise():
     assert float((noisy - flat).std() * 127.5) == pytest.approx(10.0, rel=0.05)
     same, _ = G.degrade_batch(x, "none", torch.Generator().manual_seed(0))
     assert (same - x).abs().max() <= 1 / 127.5  # only 8-bit rounding
+
+
+def _psnr(lq: np.ndarray, gt: np.ndarray) -> float:
+    mse = max(float(np.mean((lq.astype(np.float64) - gt.astype(np.float64)) ** 2)), 1e-10)
+    return 10 * math.log10(255.0**2 / mse)
+
+
+def test_the_batch_path_scales_with_the_face_size_as_the_numpy_path_does():
+    """A 64 px face under the stage II preset: the batch path's PSNR distribution is the numpy
+    path's (both scale the 512 px ranges to 64 px), far from the unscaled ranges'."""
+    import cv2
+    from skimage import data
+
+    face = cv2.resize(data.astronaut(), (64, 64), interpolation=cv2.INTER_AREA)
+    n = 64
+    x = torch.from_numpy(np.repeat(face[None], n, 0)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def as_uint8(batch: torch.Tensor) -> np.ndarray:
+        return ((batch + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+    def median_psnr(images) -> float:
+        return float(np.median([_psnr(lq, face) for lq in images]))
+
+    batch, params = G.degrade_batch(x, "stage2", torch.Generator().manual_seed(0))
+    unscaled_cfg = D.preset("stage2").replace(reference_size=None)
+    unscaled, _ = G.degrade_batch(x, unscaled_cfg, torch.Generator().manual_seed(0))
+    numpy_path = [D.degrade(face, "stage2", np.random.default_rng([3, i]))[0] for i in range(n)]
+    ours, reference, old = median_psnr(as_uint8(batch)), median_psnr(numpy_path), median_psnr(as_uint8(unscaled))
+    assert ((params["scale"] >= 4) & (params["scale"] <= 30)).all()  # the draws stay in 512 px units
+    assert abs(ours - reference) < 1.0, (ours, reference)
+    assert old < reference - 3.0, (old, reference)

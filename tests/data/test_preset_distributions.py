@@ -179,7 +179,13 @@ def statistics_of(degrade_one, size: int, pairs: int) -> np.ndarray:
 
 
 def ours(preset: str, size: int, pairs: int, seed: int) -> np.ndarray:
-    return statistics_of(lambda gt, i: D.degrade(gt, preset, np.random.default_rng([seed, i]))[0], size, pairs)
+    """Our preset on ``size`` px faces. The published code takes its ranges in pixels of whatever it
+    degrades (it only ever runs at 512 px); ours scale them to the face's size (``reference_size``),
+    so below 512 px the comparison is with the preset's ranges taken as they are."""
+    cfg = D.preset(preset)
+    if size != D.PUBLISHED_SIZE:
+        cfg = cfg.replace(reference_size=None)
+    return statistics_of(lambda gt, i: D.degrade(gt, cfg, np.random.default_rng([seed, i]))[0], size, pairs)
 
 
 def published(preset: str, size: int, pairs: int, seed: int) -> np.ndarray:
