@@ -419,14 +419,6 @@ class CFTModule(StageModule):
         net = self.ema.module
         return [net.restore(lq, w=float(w), adain=self.hparams.val_adain).image.float().clamp(-1, 1) for w in fidelities]
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
-        self.save_networks(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
-        self.restore_networks(checkpoint)
-
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         lq, gt = batch["lq"], batch["gt"].float()
         n = lq.shape[0]

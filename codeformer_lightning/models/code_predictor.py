@@ -274,14 +274,6 @@ class CodePredictorModule(StageModule):
             self.ema.update(self.net)
         self.nonfinite.end_step(self, step)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
-        self.save_networks(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
-        self.restore_networks(checkpoint)
-
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         net = self.ema.module
         lq, gt = batch["lq"], batch["gt"]

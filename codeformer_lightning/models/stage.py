@@ -34,8 +34,8 @@ _EXTRA_CLASSES: dict[str, type[nn.Module]] = {"VQGANLoss": VQGANLoss}
 class StageModule(pl.LightningModule):
     """Base of the stage modules: see the module docstring.
 
-    Subclasses set :attr:`network_args` and override :meth:`file_free_kwargs`, and call
-    :meth:`save_networks` / :meth:`restore_networks` from their checkpoint hooks.
+    Subclasses set :attr:`network_args`, override :meth:`file_free_kwargs` and hold their
+    non-finite step guard in ``self.nonfinite``; the checkpoint hooks here save and restore both.
     """
 
     #: constructor arguments that take modules (with a constructor ``config``), recorded in checkpoints;
@@ -69,6 +69,14 @@ class StageModule(pl.LightningModule):
         spec = (checkpoint.get(LIGHTNING_KEY) or {}).get("targets")
         if spec is not None and getattr(self, "targets", None) is None:
             self.targets = CodeTargetEncoder(build_network(spec, "the checkpoint's target encoder"))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
+        self.save_networks(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
+        self.restore_networks(checkpoint)
 
     # ------------------------------------------------------------------------- numbering
     def configure_callbacks(self) -> list[pl.Callback]:

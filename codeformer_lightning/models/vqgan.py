@@ -303,13 +303,6 @@ class VQGANModule(StageModule):
         self._update_ok = {"g": True, "d": True}
         self.nonfinite.end_step(self, step)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
-        self.save_networks(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
-
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
