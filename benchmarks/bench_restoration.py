@@ -69,6 +69,18 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def bench_device(name: str, threads: int | None) -> torch.device | None:
+    """The device a benchmark runs on, with ``threads`` torch CPU threads when given; None (after
+    printing why) when CUDA is asked for and absent, so that the GPU suite can run anywhere."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: skipped")
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    return device
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -259,12 +271,9 @@ def main() -> None:
     parser.add_argument("--compile", choices=["yes", "no", "only"], default="yes",
                         help="CUDA: with the torch.compile variant, without it, or only it (and the baseline)")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: skipped")
+    device = bench_device(args.device, args.threads)
+    if device is None:
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print(f"# 512 px restoration forward, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"device={device}: {torch.cuda.get_device_name() if device.type == 'cuda' else machine_line()}")
     print(f"load average before: {load_average()}")

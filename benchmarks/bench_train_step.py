@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_restoration import _reset_peak_rss, _status_kib, load_average, machine_line  # noqa: E402
+from bench_restoration import _reset_peak_rss, _status_kib, bench_device, load_average, machine_line  # noqa: E402
 from random_weights import write_random_vgg16  # noqa: E402
 from reference_impl import RefCodeFormer  # noqa: E402
 
@@ -359,12 +359,9 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="the GPU mode on any device: variants one after the other, bf16 and compile included")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: skipped")
+    device = bench_device(args.device, args.threads)
+    if device is None:
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if device.type == "cuda" else machine_line()
     print(f"# stage III training step, {'32' if args.tiny else '512'} px, {device}, "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n{where}; load average before: {load_average()}", flush=True)
