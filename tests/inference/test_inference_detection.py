@@ -83,6 +83,37 @@ def test_crops_match_a_padded_copy_and_cv2_resize(rng):
     np.testing.assert_array_equal(out[0], cv2.resize(image[y1 - 1:y2, x1 - 1:x2], (24, 24), interpolation=cv2.INTER_AREA))
 
 
+def test_cv2_work_shared_out_among_threads_gives_the_same_pixels(rng):
+    """With 2 torch threads the crops and the pyramid levels are resized in 2 threads: same output."""
+    image = rng.integers(0, 256, (61, 87, 3), dtype=np.uint8)
+    boxes = np.concatenate([rng.uniform(-10, 50, (40, 2)), rng.uniform(5, 60, (40, 1)).repeat(2, 1)], 1)
+    boxes[:, 2:] += boxes[:, :2]
+    levels, (height, width) = detection._pack_levels(61, 87, detection._pyramid_scales(61, 87, 12, 0.709))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the autouse fixture restores the count
+        canvas = np.zeros((height, width, 3), np.uint8)
+        detection._draw_levels(image, levels, canvas)
+        results.append((detection._crops(image, boxes, 24), canvas))
+    np.testing.assert_array_equal(results[0][0], crops(image, boxes, 24))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    assert detection._share_out(list("abcd"), [1, 5, 2, 2], 2) == [["b"], ["c", "d", "a"]]
+
+
+def test_fast_pooling_and_prelu_equal_torchs(rng):
+    """R-Net/O-Net's 3x3 ceil-mode pooling as strided maxima, P-Net's first PReLU over long rows."""
+    prelu = torch.nn.PReLU(10)
+    prelu.weight.data = torch.from_numpy(rng.uniform(-1.3, 1.1, 10)).float()
+    for shape in [(5, 28, 22, 22), (3, 48, 9, 9), (2, 32, 46, 46), (2, 64, 21, 21), (1, 10, 7, 8), (1, 10, 3, 3)]:
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        want = torch.nn.functional.max_pool2d(x, 3, 2, ceil_mode=True)
+        assert torch.equal(detection._max_pool_3x3(x), want) and torch.equal(detection._max_pool_3x3(x.contiguous()), want)
+        if shape[1] == 10:
+            assert torch.equal(detection._prelu_few_channels(x, prelu), prelu(x))
+            assert torch.equal(detection._prelu_few_channels(x.contiguous(), prelu), prelu(x))
+
+
 # ----------------------------------------------------------------------------- weights
 def test_shipped_weights_load_from_the_package_and_name_their_source():
     from importlib.resources import files
@@ -141,12 +172,13 @@ def test_missing_or_bad_weights_give_clear_errors(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- fast path = published path
-def test_packed_pyramid_gives_every_level_its_own_pnet_output(mtcnn, rng):
+def test_packed_pyramid_gives_every_level_its_own_pnet_output(rng):
     """One P-Net call over the packed canvas equals one call per level, odd level sides included."""
     image = cv2.GaussianBlur(rng.integers(0, 256, (157, 203, 3), dtype=np.uint8), (0, 0), 2)
-    reference = ReferenceMTCNN(mtcnn)
+    every_level = MTCNNDetector(skip_faces_below=0)
+    reference = ReferenceMTCNN(every_level)
     with torch.inference_mode():
-        levels, prob, offsets = mtcnn._pyramid(image)
+        levels, prob, offsets = every_level._pyramid(image)
         assert len(levels) == 6 and any(lv.width % 2 for lv in levels) and any(lv.height % 2 for lv in levels)
         for lv in levels:
             level = cv2.resize(image, (lv.width, lv.height), interpolation=cv2.INTER_AREA)
@@ -162,7 +194,7 @@ def test_packed_pyramid_gives_every_level_its_own_pnet_output(mtcnn, rng):
 
 def test_batched_cascade_gives_the_published_cascades_detections(mtcnn):
     photo = read_image(shared_folder("whole") / "00.jpg")  # four faces of 35-45 px: every level matters
-    fast = MTCNNDetector(check_landmarks=False)
+    fast = MTCNNDetector(check_landmarks=False, skip_faces_below=0)  # the published computation
     want, got = ReferenceMTCNN(mtcnn).detect(photo), fast.detect(photo)
     assert len(want) == len(got) == 4
     for a, b in zip(want, got):
@@ -171,12 +203,16 @@ def test_batched_cascade_gives_the_published_cascades_detections(mtcnn):
 
 
 def test_skipping_small_face_levels_keeps_the_other_levels_and_detections(mtcnn):
-    photo = read_image(shared_folder("whole") / "06.png")
-    scales = detection._pyramid_scales(*photo.shape[:2], 20, 0.709)
-    assert detection._pyramid_scales(*photo.shape[:2], 20, 0.709, skip_below=24) == scales[1:]
-    skipping = MTCNNDetector(skip_faces_below=24)
-    for a, b in zip(mtcnn.detect(photo), skipping.detect(photo), strict=True):
-        assert box_iou(a.box, b.box) > 0.999 and np.abs(a.landmarks - b.landmarks).max() < 0.05
+    """The default skips the 20 px level only; on every shared photo the detections stay those of
+    the full published pyramid."""
+    assert mtcnn.skip_faces_below == 24
+    every_level = MTCNNDetector(skip_faces_below=0)
+    for path in sorted(shared_folder("whole").iterdir()):
+        photo = read_image(path)
+        scales = detection._pyramid_scales(*photo.shape[:2], 20, 0.709)
+        assert detection._pyramid_scales(*photo.shape[:2], 20, 0.709, skip_below=24) == scales[1:]
+        for a, b in zip(every_level.detect(photo), mtcnn.detect(photo), strict=True):
+            assert box_iou(a.box, b.box) > 0.999 and np.abs(a.landmarks - b.landmarks).max() < 0.05
 
 
 # ----------------------------------------------------------------------------- real photos
