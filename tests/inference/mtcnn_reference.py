@@ -82,16 +82,22 @@ def crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float()
+def _to_tensor(images: np.ndarray, channels_last: bool = False) -> torch.Tensor:
+    """(N,H,W,3) uint8 -> (N,3,H,W) float in about [-1, 1]; NCHW memory unless ``channels_last``
+    (the permuted view of the NHWC pixels, on which torch's convolutions run channels-last)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = x.float() if channels_last else x.contiguous().float()
     return (x - 127.5) * 0.0078125
 
 
 class ReferenceMTCNN:
     """The published-style cascade with a detector's weights and settings (min_face_size, thresholds);
-    no landmark check and no downscaling of huge photos. Networks in the default (NCHW) layout."""
+    no landmark check and no downscaling of huge photos. Networks in the default (NCHW) layout, or
+    with ``channels_last`` on the permuted view of the pixels: the library's detector as issue 16
+    found it (wave 1, commit d540efd: the same cascade, 1.6x faster than NCHW on the CPU)."""
 
-    def __init__(self, det: MTCNNDetector, weights_dir=None) -> None:
+    def __init__(self, det: MTCNNDetector, weights_dir=None, channels_last: bool = False) -> None:
+        self.channels_last = channels_last
         states = load_mtcnn_weights(weights_dir)
         self.pnet, self.rnet, self.onet = _PNet(), _RNet(), _ONet()
         for name, net in (("pnet", self.pnet), ("rnet", self.rnet), ("onet", self.onet)):
@@ -115,7 +121,7 @@ def proposals(det: ReferenceMTCNN, image: np.ndarray) -> np.ndarray:
     while side >= cell:
         h, w = int(np.ceil(height * scale)), int(np.ceil(width * scale))
         level = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-        prob, offsets = pnet(det.pnet, _to_tensor(level[None]))
+        prob, offsets = pnet(det.pnet, _to_tensor(level[None], det.channels_last))
         prob, offsets = prob[0].numpy(), offsets[0].numpy()
         ys, xs = np.nonzero(prob >= det.thresholds[0])
         if len(ys):
@@ -138,14 +144,14 @@ def detect(det: ReferenceMTCNN, image: np.ndarray) -> list[Face]:
     if len(rows) == 0:
         return []
     boxes = _square(_regress(rows[:, :4], rows[:, 5:9], inclusive=False))
-    prob, offsets = (t.numpy() for t in rnet(det.rnet, _to_tensor(crops(image, boxes, 24))))
+    prob, offsets = (t.numpy() for t in rnet(det.rnet, _to_tensor(crops(image, boxes, 24), det.channels_last)))
     keep = prob > det.thresholds[1]
     boxes, prob, offsets = boxes[keep], prob[keep], offsets[keep]
     if len(boxes) == 0:
         return []
     keep = nms(boxes, prob, 0.7)
     boxes = _square(_regress(boxes[keep], offsets[keep]))
-    prob, offsets, marks = (t.numpy() for t in onet(det.onet, _to_tensor(crops(image, boxes, 48))))
+    prob, offsets, marks = (t.numpy() for t in onet(det.onet, _to_tensor(crops(image, boxes, 48), det.channels_last)))
     keep = prob > det.thresholds[2]
     boxes, prob, offsets, marks = boxes[keep], prob[keep], offsets[keep], marks[keep]
     if len(boxes) == 0:
