@@ -25,11 +25,19 @@ and trains in ``<run>/<stage name>/``. ``pipeline.evaluate`` (optional) is then 
 
 Before the first stage starts, every stage's config is composed and checked (the files earlier
 stages will write count as present), so a problem of stage III is reported before hours of stage I.
+
+Resuming a killed pipeline: the same command with ``ckpt_path=auto`` and the run's folder
+(``hydra.run.dir=<run>``; ``launcher=slurm`` sets ``ckpt_path=auto`` itself). A stage that finished
+(its folder holds :data:`STAGE_DONE`, written after its export) is skipped and its export reused;
+the others get ``ckpt_path=auto``: each continues from the newest valid checkpoint in its folder,
+or starts at step 0. The result equals an uninterrupted run's (``tests/config/test_pipeline_resume.py``).
+A finished stage composed with other overrides than this run's is an error, not a silent reuse.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,12 +52,16 @@ from pytorch_lightning.utilities import rank_zero_only
 from .config_checks import ConfigError, find_problems
 from .train import ensure_output_dir, save_resolved_config, train
 from .training.callbacks import discriminator_export_path
-from .training.summary import PipelineRun
+from .training.summary import PipelineRun, StageRun
 
 log = logging.getLogger(__name__)
 
 #: Overrides that configure the pipeline itself rather than its stages.
 _PIPELINE_KEYS = ("experiment", "task_name", "pipeline", "hparams_search", "ckpt_path")
+#: written into a stage's folder once the stage has trained and exported; a resumed pipeline skips it
+STAGE_DONE = "stage_complete.json"
+#: what a resumed pipeline adds to every stage that has not finished
+_RESUME = "ckpt_path=auto"
 
 
 def quote(value: object) -> str:
@@ -139,6 +151,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> PipelineRun:
     the application's config tree, outside it from the packaged one. Stages set to null are skipped
     (give the next stage its input weights in its ``overrides``).
     """
+    resume = _resumes(cfg.get("ckpt_path"))
     out = ensure_output_dir(cfg)
     shared = shared_overrides(overrides)
     with _config_tree():
@@ -150,18 +163,90 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> PipelineRun:
             if stage is None:
                 log.info("Pipeline: skipping stage %s", name)
                 continue
-            stage_args = stage_overrides(stage, out / str(name), exports, shared)
+            name, stage_dir = str(name), out / str(name)
+            stage_args = stage_overrides(stage, stage_dir, exports, shared)
+            finished = _finished_stage(stage_dir, stage_args) if resume else None
+            if finished is not None:
+                log.info("Pipeline: stage %s finished before (%s): not trained again", name, stage_dir / STAGE_DONE)
+                result.stages[name], exports[name] = finished
+                continue
+            if resume:  # before the stage's own overrides, which win
+                stage_args = stage_overrides(stage, stage_dir, exports, [*shared, _RESUME])
             log.info("Pipeline: stage %s: %s", name, " ".join(stage_args))
             stage_cfg = compose(config_name="train", overrides=stage_args)
-            result.stages[str(name)] = train(stage_cfg)
-            exports[str(name)] = str(stage_cfg.export_path)
-            if not Path(exports[str(name)]).is_file():
+            result.stages[name] = train(stage_cfg)
+            exports[name] = str(stage_cfg.export_path)
+            if not Path(exports[name]).is_file():
                 raise RuntimeError(
-                    f"pipeline stage {name} finished without writing its weights to export_path={exports[str(name)]}; "
+                    f"pipeline stage {name} finished without writing its weights to export_path={exports[name]}; "
                     "the next stages start from them: keep callbacks.export_weights enabled"
                 )
+            _mark_finished(stage_dir, [a for a in stage_args if a != _RESUME], result.stages[name], exports[name])
     _evaluate(cfg, out, list(exports.values())[-1] if exports else None, result)
     return result
+
+
+def _resumes(ckpt_path: object) -> bool:
+    """Whether the pipeline resumes (``ckpt_path=auto``); any other checkpoint names no one stage."""
+    if ckpt_path is None:
+        return False
+    if str(ckpt_path) == "auto":
+        return True
+    raise ConfigError(
+        [
+            f"ckpt_path={ckpt_path}: a pipeline resumes with `ckpt_path=auto hydra.run.dir=<the run's folder>` "
+            "(finished stages are skipped, the others continue from their newest checkpoint). Fix: use "
+            "ckpt_path=auto, or resume one stage from a file with "
+            "'pipeline.stages.<name>.overrides=[ckpt_path=<file>]'"
+        ]
+    )
+
+
+@rank_zero_only
+def _mark_finished(stage_dir: Path, stage_args: list[str], run: StageRun, export: str) -> None:
+    """Write :data:`STAGE_DONE`: the overrides the stage was composed with, its export and its summary."""
+    record = {
+        "name": run.name,
+        "overrides": stage_args,
+        "export": export,
+        "step": run.step,
+        "metrics": run.metrics,
+        "weights": [str(p) for p in run.weights],
+        "checkpoints": {label: str(p) for label, p in run.checkpoints.items()},
+        "logs": {label: str(p) for label, p in run.logs.items()},
+        "config": str(run.config) if run.config else None,
+    }
+    part = stage_dir / f"{STAGE_DONE}.part"
+    part.write_text(json.dumps(record, indent=1))
+    part.replace(stage_dir / STAGE_DONE)  # atomic: a kill leaves either no record or a whole one
+
+
+def _finished_stage(stage_dir: Path, stage_args: list[str]) -> tuple[StageRun, str] | None:
+    """``(summary, export)`` of a stage that finished in ``stage_dir`` with these overrides, or None
+    when it did not finish (or its export is gone: it is trained, resuming from its checkpoints).
+    Raises :class:`ConfigError` when it finished with other overrides."""
+    path = stage_dir / STAGE_DONE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record["overrides"] != stage_args:
+        raise ConfigError(
+            [
+                f"{stage_dir.name}: the stage finished in {stage_dir} with the overrides {record['overrides']}, "
+                f"this run composes it with {stage_args}. Fix: resume with the same overrides, or start a "
+                "new run folder (no ckpt_path=auto)"
+            ]
+        )
+    if not Path(record["export"]).is_file():
+        log.warning("Pipeline: %s says the stage finished, but its export %s is gone: training it", path, record["export"])
+        return None
+    run = StageRun(
+        record["name"], stage_dir, int(record["step"]), dict(record["metrics"]),
+        checkpoints={k: Path(v) for k, v in record["checkpoints"].items() if Path(v).is_file()},
+        weights=[Path(p) for p in record["weights"]], logs={k: Path(v) for k, v in record["logs"].items()},
+        config=Path(record["config"]) if record["config"] else None,
+    )  # fmt: skip
+    return run, record["export"]
 
 
 def _evaluate(cfg: DictConfig, out: Path, weights: str | None, result: PipelineRun) -> None:
