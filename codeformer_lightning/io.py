@@ -17,7 +17,8 @@ pixels everywhere. The rules:
   ``max_pixels``) raises :class:`BadImageError` naming where it came from and why (too large:
   its subclass :class:`ImageTooLargeError`).
 
-Videos. :class:`VideoReader` opens a file once and yields ``(H, W, 3) uint8 RGB`` frames, handing
+Videos. :class:`VideoReader` opens a file once and yields ``(H, W, 3) uint8 RGB`` frames turned
+upright by the stream's display rotation (a phone's portrait video, like EXIF for photos), handing
 the audio packets of the same pass to a callback; :class:`VideoWriter` writes H.264 (yuv420p) at a
 given frame rate and copies audio packets without re-encoding. yuv420p needs even sides: frames of
 odd width or height are **padded** to even by repeating their last column / row (no input pixel is
@@ -279,12 +280,30 @@ class VideoError(RuntimeError):
     """A video could not be read or written; the message names the file."""
 
 
+def _quarter_turns(degrees: float, path: Path) -> int:
+    """A frame's display rotation (degrees counter-clockwise, as PyAV reads the display matrix) as
+    0, 90, 180 or 270; other angles are kept as stored, with a warning."""
+    if degrees % 90:
+        warnings.warn(
+            f"{path}: display rotation of {degrees} degrees is not a quarter turn: frames kept as stored",
+            stacklevel=4,
+        )
+        return 0
+    return int(degrees) % 360
+
+
 class VideoReader:
     """One pass over a video file, opened once.
 
-    Attributes: ``width``, ``height`` (px), ``rate`` (frames per second, a Fraction: the stream's
-    average rate, else its guessed rate, else 25), ``audio_stream`` (the first audio stream or
-    None; hand it to :class:`VideoWriter` as ``audio_template``). Use as a context manager.
+    Attributes: ``width``, ``height`` (px, of the frames as shown), ``rate`` (frames per second, a
+    Fraction: the stream's average rate, else its guessed rate, else 25), ``rotation`` (degrees
+    counter-clockwise the stored frames are turned by to be shown upright), ``audio_stream`` (the
+    first audio stream or None; hand it to :class:`VideoWriter` as ``audio_template``). Use as a
+    context manager.
+
+    A phone stores a portrait video as landscape frames plus a display matrix saying how to turn
+    them; the frames given here are turned as a player shows them (a multiple of 90 degrees, read
+    from the first decoded frame), as EXIF orientation is for photos, and written without a matrix.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -303,8 +322,16 @@ class VideoReader:
         self.video_stream = self._container.streams.video[0]
         audio = self._container.streams.audio
         self.audio_stream = audio[0] if audio else None
+        # one demux pass for the whole reader; the display rotation comes with the decoded frames, so
+        # the first one is decoded now and kept, with the audio packets met before it, for frames()
+        self._packets = self._container.demux([s for s in (self.video_stream, self.audio_stream) if s is not None])
+        self._early_audio: list[object] = []
+        self._early_frames = self._decode_first_frames()
+        self.rotation = _quarter_turns(self._early_frames[0].rotation, self.path) if self._early_frames else 0
         self.width = self.video_stream.codec_context.width
         self.height = self.video_stream.codec_context.height
+        if self.rotation % 180:
+            self.width, self.height = self.height, self.width
         stream = self.video_stream
         rate = stream.average_rate or stream.guessed_rate
         self.rate = Fraction(rate) if rate else Fraction(25)
@@ -314,18 +341,45 @@ class VideoReader:
         on the way are passed to it (e.g. :meth:`VideoWriter.copy_audio`) in the same single pass."""
         import av
 
-        audio = self.audio_stream if on_audio is not None else None
-        streams = [self.video_stream] + ([audio] if audio is not None else [])
+        early_audio, early_frames = self._early_audio, self._early_frames
+        self._early_audio, self._early_frames = [], []
+        if on_audio is not None:
+            for packet in early_audio:
+                on_audio(packet)
+        yield from (self._upright(frame) for frame in early_frames)
         try:
-            for packet in self._container.demux(streams):
-                if audio is not None and packet.stream is audio:
-                    if packet.dts is not None:  # the demuxer's final flush packet carries nothing
+            for packet in self._packets:
+                if packet.stream is not self.video_stream:
+                    if on_audio is not None and packet.dts is not None:  # the final flush packet carries nothing
                         on_audio(packet)
                     continue
                 for frame in packet.decode():
-                    yield frame.to_ndarray(format="rgb24")
+                    yield self._upright(frame)
         except av.error.FFmpegError as exc:
             raise VideoError(f"{self.path}: decoding failed ({exc})") from None
+
+    def _decode_first_frames(self) -> list:
+        """Demux until video frames decode; return them, keeping the audio packets met on the way."""
+        import av
+
+        try:
+            for packet in self._packets:
+                if packet.stream is not self.video_stream:
+                    if packet.dts is not None:
+                        self._early_audio.append(packet)
+                    continue
+                frames = list(packet.decode())
+                if frames:
+                    return frames
+        except av.error.FFmpegError as exc:
+            self._container.close()
+            raise VideoError(f"{self.path}: decoding failed ({exc})") from None
+        return []
+
+    def _upright(self, frame) -> np.ndarray:
+        """A decoded frame as ``(H, W, 3) uint8 RGB``, turned as a player shows it."""
+        rgb = frame.to_ndarray(format="rgb24")
+        return np.ascontiguousarray(np.rot90(rgb, self.rotation // 90)) if self.rotation else rgb
 
     def close(self) -> None:
         self._container.close()

@@ -281,3 +281,33 @@ def test_video_errors_name_the_file(tmp_path):
     with pytest.raises(cio.VideoError, match="empty.mp4: no frame was written"):
         with cio.VideoWriter(tmp_path / "empty.mp4", 10):
             pass
+
+
+@pytest.mark.parametrize("rotation", [-90, 90, 180])
+def test_video_display_rotation_is_applied_like_exif(tmp_path, rotation):
+    """A phone's portrait video: landscape frames stored with a display matrix. The reader gives the
+    frames as a player shows them (sizes swapped for a quarter turn), and the writer's output, which
+    has no matrix, shows the same."""
+    import av
+
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:, :8] = 255  # a white band along the stored left edge
+    with av.open(str(tmp_path / "phone.mp4"), "w") as out:
+        video = out.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
+        video.set_display_rotation(rotation)  # counter-clockwise degrees, as players apply them
+        for _ in range(3):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        out.mux(video.encode(None))
+    shown = np.rot90(stored, rotation // 90)  # what a player shows
+    with cio.VideoReader(tmp_path / "phone.mp4") as reader:
+        assert reader.rotation == rotation % 360
+        assert (reader.height, reader.width) == shown.shape[:2]
+        with cio.VideoWriter(tmp_path / "out.mp4", reader.rate, (reader.width, reader.height), crf=0) as writer:
+            for frame in reader.frames():
+                assert frame.shape == shown.shape
+                assert np.abs(frame.astype(int) - shown).mean() < 4
+                writer.write(frame)
+    with cio.VideoReader(tmp_path / "out.mp4") as written:
+        assert written.rotation == 0 and (written.height, written.width) == shown.shape[:2]
+        assert all(np.abs(f.astype(int) - shown).mean() < 4 for f in written.frames())
