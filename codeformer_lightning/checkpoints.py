@@ -32,6 +32,8 @@ from torch import nn
 from .nn import CodeFormer, PatchDiscriminator, VQAutoEncoder
 
 NATIVE_FORMAT = "codeformer_lightning"
+#: what a CodeFormer's weights are for (published inference settings per task); written into exports
+CODEFORMER_VARIANTS = ("restoration", "colorization", "inpainting")
 #: Key of a stage module's Lightning checkpoint that records its networks: ``{"module": class name,
 #: "export": state-dict prefix of the exported network, "networks": {argument: spec or None},
 #: "targets": spec or None}``, a spec being ``{"class": name, "config": constructor kwargs}``.
@@ -292,7 +294,8 @@ def _read_lightning(path: Path, checkpoint: Mapping) -> tuple[dict[str, torch.Te
         raise CheckpointError(f"{path}: its state dict holds no '{prefix}*' weights (the network the stage exports)")
     kind, config = spec["class"], dict(spec.get("config", {}))
     variant = {"VQAutoEncoder": "autoencoder", "PatchDiscriminator": "discriminator"}.get(kind)
-    info = CheckpointInfo(str(path), kind, variant or _codeformer_variant(config), "native", f"state_dict:{prefix}", config)
+    variant = variant or record.get("variant") or _codeformer_variant(config)  # the stage's variant, if recorded
+    info = CheckpointInfo(str(path), kind, variant, "native", f"state_dict:{prefix}", config)
     return state, info
 
 
@@ -396,6 +399,13 @@ def _class_name(model: nn.Module) -> str:
         if type(model) is cls:
             return name
     raise TypeError(f"can only save {sorted(_MODEL_CLASSES)}, got {type(model).__name__}")
+
+
+def check_variant(variant: str | None) -> str | None:
+    """``variant`` if it names a CodeFormer task (or is None); else ValueError listing the valid ones."""
+    if variant is not None and variant not in CODEFORMER_VARIANTS:
+        raise ValueError(f"variant must be one of {list(CODEFORMER_VARIANTS)} (or null), got {variant!r}")
+    return variant
 
 
 def save_weights(model: nn.Module, path: str | Path, variant: str | None = None) -> Path:

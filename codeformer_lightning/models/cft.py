@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..checkpoints import CheckpointError, load_pretrained, load_state_strict, save_weights
+from ..checkpoints import CheckpointError, check_variant, load_pretrained, load_state_strict, save_weights
 from ..losses import LPIPS, SettingNames, VQGANLoss
 from ..nn import CodeFormer, PatchDiscriminator
 from ..training import EMA, log_image_grid
@@ -180,6 +180,9 @@ class CFTModule(StageModule):
         grad_clip: max gradient norm for both optimisers (None: off).
         max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss or gradient
             (such steps are skipped, see :mod:`~codeformer_lightning.training.nonfinite`); None: never.
+        variant: the task the weights are for (``restoration``, ``colorization``, ``inpainting``),
+            written into the export and the checkpoints: ``load_pretrained`` and the restorer then apply
+            that task's published inference settings (None: not recorded, read as restoration).
 
     Checkpoints record ``net`` and ``discriminator`` (class and constructor config) and the frozen target encoder:
     ``CFTModule.load_from_checkpoint(ckpt)`` rebuilds them without reading the weight files again
@@ -222,8 +225,10 @@ class CFTModule(StageModule):
         val_adain: bool = False,
         grad_clip: float | None = None,
         max_nonfinite_steps: int | None = 20,
+        variant: str | None = None,
     ) -> None:
         super().__init__()
+        check_variant(variant)
         self.fidelity, self.mix = _schedules(
             fidelity_schedule, small_degradation_every, train_encoder, train_transformer
         )
@@ -441,4 +446,4 @@ class CFTModule(StageModule):
 
     def export(self, path: str | Path) -> Path:
         """Write the EMA CodeFormer as ``.safetensors`` (readable by :func:`load_pretrained`)."""
-        return save_weights(self.ema.module, path)
+        return save_weights(self.ema.module, path, variant=self.hparams.get("variant"))

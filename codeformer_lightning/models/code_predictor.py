@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from ..checkpoints import CheckpointError, load_pretrained, load_state_strict, save_weights
+from ..checkpoints import CheckpointError, check_variant, load_pretrained, load_state_strict, save_weights
 from ..losses import LPIPS, SettingNames
 from ..nn import CodeFormer, VQAutoEncoder
 from ..training import EMA, log_image_grid
@@ -176,6 +176,9 @@ class CodePredictorModule(StageModule):
         val_adain: restore validation images with AdaIN (as published inference does).
         max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss or gradient
             (such steps are skipped, see :mod:`~codeformer_lightning.training.nonfinite`); None: never.
+        variant: the task the weights are for (``restoration``, ``colorization``, ``inpainting``),
+            written into the export and the checkpoints: ``load_pretrained`` and the restorer then apply
+            that task's published inference settings (None: not recorded, read as restoration).
 
     Checkpoints record ``net`` (class and constructor config) and the frozen target encoder:
     ``CodePredictorModule.load_from_checkpoint(ckpt)`` rebuilds them without reading the weight files again
@@ -202,8 +205,10 @@ class CodePredictorModule(StageModule):
         perceptual_linear_weights: str | None = None,
         val_adain: bool = False,
         max_nonfinite_steps: int | None = 20,
+        variant: str | None = None,
     ) -> None:
         super().__init__()
+        check_variant(variant)
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.targets: CodeTargetEncoder | None = None
@@ -295,5 +300,5 @@ class CodePredictorModule(StageModule):
 
     def export(self, path: str | Path) -> Path:
         """Write the EMA CodeFormer as ``.safetensors`` (stage III's ``init_from``)."""
-        return save_weights(self.ema.module, path)
+        return save_weights(self.ema.module, path, variant=self.hparams.get("variant"))
 

@@ -61,6 +61,8 @@ class StageModule(pl.LightningModule):
             "export": self.export_prefix,
             "networks": {name: describe_network(getattr(self, name, None)) for name in self.network_args},
             "targets": target_spec,
+            # the task the exported network is for (CodeFormer stages; load_pretrained reads it)
+            "variant": self.hparams.get("variant"),
         }
 
     def restore_networks(self, checkpoint: dict) -> None:

@@ -308,3 +308,21 @@ def test_lpips_is_logged_when_perceptual_weights_are_given(data, stage1, make_tr
     restored = module.ema.module.restore(data["val_lq"], w=0.0, adain=False).image.clamp(-1, 1)  # val_adain=False
     assert metrics["val/lpips"] == pytest.approx(module.lpips(restored, data["val_gt"]).mean().item(), rel=1e-4)
     assert metrics["val/lpips"] > 0
+
+
+@pytest.mark.parametrize("variant", ["colorization", "inpainting"])
+def test_the_trained_task_is_recorded_in_the_export_and_the_checkpoint(data, stage1, make_trainer, tmp_path, variant):
+    """A model trained for colorization (or inpainting) says so in its files: load_pretrained gives it
+    that variant and the restorer that task's published inference (before: read as restoration)."""
+    from codeformer_lightning.inference.tasks import task_of_model
+
+    _, path = stage1
+    module = make_module(path, variant=variant)
+    trainer = make_trainer(1)
+    trainer.fit(module, loader(data, 1))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    for weights in (module.export(tmp_path / "w.safetensors"), tmp_path / "last.ckpt"):
+        loaded = load_pretrained(weights)
+        assert loaded.variant == variant and task_of_model(loaded).name == variant, weights
+    with pytest.raises(ValueError, match="variant must be one of"):
+        make_module(path, variant="colourisation")
