@@ -30,7 +30,7 @@ Resuming a killed pipeline: the same command with ``ckpt_path=auto`` and the run
 (``hydra.run.dir=<run>``; ``launcher=slurm`` sets ``ckpt_path=auto`` itself). A stage that finished
 (its folder holds :data:`STAGE_DONE`, written after its export) is skipped and its export reused;
 the others get ``ckpt_path=auto``: each continues from the newest valid checkpoint in its folder,
-or starts at step 0. The result equals an uninterrupted run's (``tests/config/test_pipeline_resume.py``).
+or starts at step 0. The result equals an uninterrupted run's (``tests/training/test_resume_pipeline.py``).
 A finished stage composed with other overrides than this run's is an error, not a silent reuse.
 """
 
@@ -164,14 +164,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> PipelineRun:
                 log.info("Pipeline: skipping stage %s", name)
                 continue
             name, stage_dir = str(name), out / str(name)
-            stage_args = stage_overrides(stage, stage_dir, exports, shared)
-            finished = _finished_stage(stage_dir, stage_args) if resume else None
+            # a resumed stage gets ckpt_path=auto before its own overrides, which win; the record of a
+            # finished stage holds the overrides without it (the same stage, resumed or not)
+            stage_args = stage_overrides(stage, stage_dir, exports, [*shared, _RESUME] if resume else shared)
+            identity = [a for a in stage_args if a != _RESUME]
+            finished = _finished_stage(stage_dir, identity) if resume else None
             if finished is not None:
                 log.info("Pipeline: stage %s finished before (%s): not trained again", name, stage_dir / STAGE_DONE)
                 result.stages[name], exports[name] = finished
                 continue
-            if resume:  # before the stage's own overrides, which win
-                stage_args = stage_overrides(stage, stage_dir, exports, [*shared, _RESUME])
             log.info("Pipeline: stage %s: %s", name, " ".join(stage_args))
             stage_cfg = compose(config_name="train", overrides=stage_args)
             result.stages[name] = train(stage_cfg)
@@ -181,7 +182,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> PipelineRun:
                     f"pipeline stage {name} finished without writing its weights to export_path={exports[name]}; "
                     "the next stages start from them: keep callbacks.export_weights enabled"
                 )
-            _mark_finished(stage_dir, [a for a in stage_args if a != _RESUME], result.stages[name], exports[name])
+            _mark_finished(stage_dir, identity, result.stages[name], exports[name])
     _evaluate(cfg, out, list(exports.values())[-1] if exports else None, result)
     return result
 
