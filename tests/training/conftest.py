@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from codeformer_lightning.losses import VQGANLoss
 from codeformer_lightning.models import VQGANModule
 from codeformer_lightning.nn import PatchDiscriminator, VQAutoEncoder
+from codeformer_lightning.quickstart import cached_face_folder
 
 TINY_AE_32 = dict(img_size=32, nf=16, ch_mult=(1, 2, 2, 4), res_blocks=2, attn_resolutions=(4,),
                   codebook_size=64, emb_dim=32, norm_groups=8)
@@ -158,3 +160,11 @@ def tiny_ae32_config() -> dict:
 @pytest.fixture
 def tiny_ae64_config() -> dict:
     return dict(TINY_AE_64)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """``paths.data_dir`` of the quickstart faces (32 px), for the command-line training runs."""
+    root = tmp_path_factory.mktemp("data")
+    cached_face_folder(root / "quickstart_faces", size=32)  # where data=sample_faces looks for it
+    return root

@@ -24,7 +24,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from codeformer_lightning.quickstart import cached_face_folder
 from codeformer_lightning.training import atomic_torch_save, find_resume_checkpoint, resolve_ckpt_path
 from codeformer_lightning.training.resume import checkpoint_problem
 
@@ -108,13 +107,6 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    cached_face_folder(root / "quickstart_faces", size=32)  # where data=sample_faces looks for it
-    return root
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, data_dir):
     """Uninterrupted runs, computed once per (stage, trainer) and shared by the comparisons."""
