@@ -4,6 +4,8 @@ false positives / recall of the landmark check.
     python benchmarks/bench_detection.py                 # both parts
     python benchmarks/bench_detection.py --speed         # timing and agreement only
     python benchmarks/bench_detection.py --quality       # false positives and recall only
+    python benchmarks/bench_detection.py --profile       # where the default detector's time goes
+    python benchmarks/bench_detection.py --sensitivity   # agreement when fewer candidates are refined
 
 Speed. Baseline: ``tests/inference/mtcnn_reference.py``, the cascade computed the published way (one
 P-Net call per pyramid level with a host round trip each, NCHW layers, one crop copy per box), with
@@ -23,6 +25,15 @@ the same photos turned, flipped and scaled, the same photos with their faces pai
 patches and noise (all turned and flipped), and other real faces (shared aligned/grey/masked faces,
 skimage's astronaut and cameraman, 100 LFW faces). A detection is a true positive when its centre
 lies in a labelled face box and its size is within 2x of the box's.
+
+Profile. Wall seconds per pass over the photos in each stage of the default detector (pyramid
+levels, P-Net, all suppression, R-Net and O-Net crops and networks) and the crops per pass reaching
+R-Net and O-Net, at each ``--threads`` count.
+
+Sensitivity. Agreement with the published-style cascade when the cascade refines fewer candidates
+(the ways to cut R-Net/O-Net work): P-Net suppression within a level at 0.4 instead of 0.5, only
+the best P-Net proposals, a coarser pyramid step. Whichever candidate wins a face decides its
+landmarks, so a changed candidate set moves them by pixels.
 """
 
 from __future__ import annotations
@@ -31,7 +42,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import cv2
 import numpy as np
@@ -42,6 +56,7 @@ sys.path.insert(0, str(ROOT / "tests" / "inference"))
 
 from mtcnn_reference import ReferenceMTCNN  # noqa: E402
 
+from codeformer_lightning.inference import detection  # noqa: E402
 from codeformer_lightning.inference.detection import Face, MTCNNDetector  # noqa: E402
 from codeformer_lightning.io import read_image  # noqa: E402
 
@@ -128,6 +143,102 @@ def run_speed(threads: list[int], repeats: int) -> None:
             median = np.median(values)
             print(f"  {name:45s} {median:9.3f} {min(values):8.3f} {base / median:18.2f}x {wave1 / median:9.2f}x")
     torch.set_num_threads(saved)
+
+
+# ----------------------------------------------------------------------------- profile
+def timed(totals: dict[str, float], label: str | Callable[..., str], fn: Callable) -> Callable:
+    """``fn`` adding its wall time to ``totals[label]``; ``label`` may be a function of the arguments."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            key = label(*args, **kwargs) if callable(label) else label
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def counted_crops(totals: dict[str, float], crops: dict[int, int]) -> AbstractContextManager:
+    """A patch of the detector's cropping that times it into ``totals`` and counts crops by side in ``crops``."""
+    def crop_label(image: np.ndarray, values: np.ndarray, boxes: np.ndarray, size: int) -> str:
+        crops[size] = crops.get(size, 0) + len(boxes)
+        return f"{'R' if size == 24 else 'O'}-Net crops (cv2)"
+
+    return patch.object(detection, "_crops", timed(totals, crop_label, detection._crops))
+
+
+def stage_patches(det: MTCNNDetector, totals: dict[str, float], crops: dict[int, int]) -> list[AbstractContextManager]:
+    """Patches timing each stage of ``det`` into ``totals`` and counting its crops by side in ``crops``."""
+    nets = [(det.pnet, "P-Net"), (det.rnet, "R-Net"), (det.onet, "O-Net")]
+    return [patch.object(detection, "_draw_levels", timed(totals, "pyramid levels (cv2)", detection._draw_levels)),
+            counted_crops(totals, crops),
+            patch.object(detection, "nms", timed(totals, "suppression (all NMS)", detection.nms)),
+            *(patch.object(net, "forward", timed(totals, label, net.forward)) for net, label in nets)]
+
+
+def run_profile(threads: list[int], repeats: int) -> None:
+    photos = [p for _, p in whole_photos()]
+    det = MTCNNDetector()
+    saved = torch.get_num_threads()
+    for count in threads:
+        torch.set_num_threads(count)
+        for photo in photos:  # warm-up
+            det.detect(photo)
+        totals: dict[str, float] = {}
+        crops: dict[int, int] = {}
+        patches = stage_patches(det, totals, crops)
+        for p in patches:
+            p.start()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for photo in photos:
+                det.detect(photo)
+        total = (time.perf_counter() - start) / repeats
+        for p in patches:
+            p.stop()
+        print(f"\ndefault detector, {count} torch thread(s), {repeats} passes over {len(photos)} photos: "
+              f"{total:.3f} s per pass; crops per pass: R-Net {crops[24] // repeats}, O-Net {crops[48] // repeats}")
+        for name, seconds in [*totals.items(), ("the rest (bookkeeping, host copies)", total * repeats - sum(totals.values()))]:
+            print(f"  {name:38s} {seconds / repeats:7.4f} s {100 * seconds / repeats / total:5.1f}%")
+    torch.set_num_threads(saved)
+
+
+# ----------------------------------------------------------------------------- sensitivity
+class BestProposals(MTCNNDetector):
+    """The default detector refining only its ``keep`` best-scored P-Net proposals."""
+
+    keep = 100
+
+    def _proposals(self, image: np.ndarray, values: np.ndarray) -> np.ndarray:
+        rows = super()._proposals(image, values)
+        return rows[np.sort(np.argsort(-rows[:, 4], kind="stable")[:self.keep])]
+
+
+def per_level_nms(threshold: float) -> AbstractContextManager:
+    """P-Net's suppression within each pyramid level at ``threshold`` (published: 0.5)."""
+    original = detection._nms_per_group
+    return patch.object(detection, "_nms_per_group", lambda boxes, scores, groups, _: original(boxes, scores, groups, threshold))
+
+
+def run_sensitivity() -> None:
+    photos = [p for _, p in whole_photos()]
+    exact = MTCNNDetector(check_landmarks=False, skip_faces_below=0)
+    reference = [ReferenceMTCNN(exact).detect(p) for p in photos]
+    coarse = MTCNNDetector()
+    coarse.pyramid_factor = 0.65
+    variants = [("default detector (published settings)", MTCNNDetector(), nullcontext()),
+                ("P-Net NMS within a level 0.4 (was 0.5)", MTCNNDetector(), per_level_nms(0.4)),
+                (f"only the {BestProposals.keep} best P-Net proposals", BestProposals(), nullcontext()),
+                ("pyramid step 0.65 (was 0.709)", coarse, nullcontext())]
+    print("\nagreement with the published-style cascade when fewer candidates are refined:")
+    print(f"  {'variant':42s} {'R-Net crops':>11s} {'faces':>7s} {'worst IoU':>9s} {'worst px':>8s}")
+    for name, det, context in variants:
+        crops: dict[int, int] = {}
+        with context, counted_crops({}, crops):
+            rows = [agreement(r, det.detect(p)) for r, p in zip(reference, photos)]
+        found = sum(min(a, b) for a, b, _, _ in rows)
+        print(f"  {name:42s} {crops[24]:11d} {found:3d}/{sum(a for a, _, _, _ in rows):<3d} "
+              f"{min(r[2] for r in rows):9.3f} {max(r[3] for r in rows):8.2f}")
 
 
 # ----------------------------------------------------------------------------- quality
@@ -260,16 +371,24 @@ def quality_table(sets: dict, before: MTCNNDetector, after: MTCNNDetector) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--speed", action="store_true", help="only the timing part")
-    parser.add_argument("--quality", action="store_true", help="only the false-positive part")
+    parser.add_argument("--speed", action="store_true", help="the timing part")
+    parser.add_argument("--quality", action="store_true", help="the false-positive part")
+    parser.add_argument("--profile", action="store_true", help="seconds per stage of the default detector")
+    parser.add_argument("--sensitivity", action="store_true", help="agreement when fewer candidates are refined")
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--onet-thresholds", type=float, nargs="+", default=[0.7],
                         help="O-Net cut-offs to measure the landmark check at (default: the detector's 0.7)")
     args = parser.parse_args()
-    if not args.quality:
+    if not (args.speed or args.quality or args.profile or args.sensitivity):
+        args.speed = args.quality = True  # both main parts by default
+    if args.speed:
         run_speed(args.threads, args.repeats)
-    if not args.speed:
+    if args.profile:
+        run_profile(args.threads, args.repeats)
+    if args.sensitivity:
+        run_sensitivity()
+    if args.quality:
         run_quality(args.onet_thresholds)
 
 

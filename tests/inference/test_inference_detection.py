@@ -72,11 +72,14 @@ def test_nms_keeps_best_and_drops_overlaps(rng):
 
 
 def test_crops_match_a_padded_copy_and_cv2_resize(rng):
+    """The crops hold cv2's uint8 area-resized pixels, whichever way they were computed (float sums,
+    whole-ratio block averages, enlargement, mixed)."""
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     boxes = np.array([[5, 4, 30, 29], [-6, -3, 20, 23], [40, 20, 70, 50], [60, 60, 80, 80], [10, 10, 9, 20],
-                      [1, 1, 53, 37], [3.7, 2.2, 12.9, 11.5]])  # inside, over the corner/edge, outside, empty
-    out = detection._crops(image, boxes, 24)
-    assert out.shape == (len(boxes), 24, 24, 3) and out.dtype == np.uint8
+                      [1, 1, 53, 37], [3.7, 2.2, 12.9, 11.5],  # inside, over the corner/edge, outside, empty, small
+                      [2, 3, 49, 26], [3, 2, 50, 37], [1, 5, 48, 16]])  # 48x24 (whole ratios), 48x36, 48x12 (mixed)
+    out = detection._crops(image, image.astype(np.float32), boxes, 24)
+    assert out.shape == (len(boxes), 24, 24, 3) and out.dtype == np.float32
     np.testing.assert_array_equal(out, crops(image, boxes, 24))
     assert not out[3].any() and not out[4].any()
     x1, y1, x2, y2 = 5, 4, 30, 29  # 1-based inclusive box -> rows 3..28, columns 4..29
@@ -92,10 +95,13 @@ def test_cv2_work_shared_out_among_threads_gives_the_same_pixels(rng):
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)  # the autouse fixture restores the count
-        canvas = np.zeros((height, width, 3), np.uint8)
-        detection._draw_levels(image, levels, canvas)
-        results.append((detection._crops(image, boxes, 24), canvas))
+        canvas = np.zeros((height, width, 3), np.float32)
+        detection._draw_levels(image, image.astype(np.float32), levels, canvas)
+        results.append((detection._crops(image, image.astype(np.float32), boxes, 24), canvas))
     np.testing.assert_array_equal(results[0][0], crops(image, boxes, 24))
+    for lv in levels:  # each level holds cv2's uint8 area resize of the image
+        want = cv2.resize(image, (lv.width, lv.height), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(results[0][1][lv.top:lv.top + lv.height, lv.left:lv.left + lv.width], want)
     np.testing.assert_array_equal(results[1][0], results[0][0])
     np.testing.assert_array_equal(results[1][1], results[0][1])
     assert detection._share_out(list("abcd"), [1, 5, 2, 2], 2) == [["b"], ["c", "d", "a"]]
@@ -178,7 +184,7 @@ def test_packed_pyramid_gives_every_level_its_own_pnet_output(rng):
     every_level = MTCNNDetector(skip_faces_below=0)
     reference = ReferenceMTCNN(every_level)
     with torch.inference_mode():
-        levels, prob, offsets = every_level._pyramid(image)
+        levels, prob, offsets = every_level._pyramid(image, image.astype(np.float32))
         assert len(levels) == 6 and any(lv.width % 2 for lv in levels) and any(lv.height % 2 for lv in levels)
         for lv in levels:
             level = cv2.resize(image, (lv.width, lv.height), interpolation=cv2.INTER_AREA)
