@@ -177,6 +177,7 @@ def stage_patches(det: MTCNNDetector, totals: dict[str, float], crops: dict[int,
 
 
 def run_profile(threads: list[int], repeats: int) -> None:
+    """Print the default detector's seconds per stage and crops per pass at each thread count."""
     photos = [p for _, p in whole_photos()]
     det = MTCNNDetector()
     saved = torch.get_num_threads()
@@ -217,10 +218,15 @@ class BestProposals(MTCNNDetector):
 def per_level_nms(threshold: float) -> AbstractContextManager:
     """P-Net's suppression within each pyramid level at ``threshold`` (published: 0.5)."""
     original = detection._nms_per_group
-    return patch.object(detection, "_nms_per_group", lambda boxes, scores, groups, _: original(boxes, scores, groups, threshold))
+
+    def at_threshold(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, _published: float) -> np.ndarray:
+        return original(boxes, scores, groups, threshold)
+
+    return patch.object(detection, "_nms_per_group", at_threshold)
 
 
 def run_sensitivity() -> None:
+    """Print the agreement with the published-style cascade of variants that refine fewer candidates."""
     photos = [p for _, p in whole_photos()]
     exact = MTCNNDetector(check_landmarks=False, skip_faces_below=0)
     reference = [ReferenceMTCNN(exact).detect(p) for p in photos]
@@ -236,7 +242,7 @@ def run_sensitivity() -> None:
         crops: dict[int, int] = {}
         with context, counted_crops({}, crops):
             rows = [agreement(r, det.detect(p)) for r, p in zip(reference, photos)]
-        found = sum(min(a, b) for a, b, _, _ in rows)
+        found = sum(min(a, b) for a, b, _, _ in rows)  # faces found, at most those of the reference
         print(f"  {name:42s} {crops[24]:11d} {found:3d}/{sum(a for a, _, _, _ in rows):<3d} "
               f"{min(r[2] for r in rows):9.3f} {max(r[3] for r in rows):8.2f}")
 
