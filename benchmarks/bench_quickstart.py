@@ -7,7 +7,10 @@ run, how many cores it kept busy (CPU / wall), the load average before and after
 each stage (from the log), and the run's own metrics table. On a shared machine the wall time grows
 with the other jobs' load while the CPU time stays close to the quiet machine's (``--threads 1``
 runs one busy core: quiet wall ~ CPU time); compare runs by their CPU time, and report the load with
-every wall time.
+every wall time. A virtual machine's host can be slower on one day than another without any load
+showing inside it, so the run is framed by a 2048x2048 fp32 matmul probe (GFLOPS with the run's thread
+count, before and after): the budget applies to the wall time as measured, the probe says what the
+machine delivered.
 
     python benchmarks/bench_quickstart.py                    # torch's default threads (the user's run)
     python benchmarks/bench_quickstart.py --threads 1        # one thread (OMP_NUM_THREADS=1)
@@ -46,6 +49,22 @@ def _stage_times(log: str, start: float, end: float) -> dict[str, float]:
             )
     marks = [*starts, ("end", end)]
     return {name: marks[i + 1][1] - when for i, (name, when) in enumerate(starts)}
+
+
+def matmul_gflops(threads: int | None, repeats: int = 10) -> float:
+    """Median GFLOPS of a 2048x2048 fp32 matmul with ``threads`` torch threads (None: torch's default),
+    in a child process so that the benchmark's own interpreter holds no torch state."""
+    code = (
+        "import statistics, sys, time, torch\n"
+        "if sys.argv[1] != 'None': torch.set_num_threads(int(sys.argv[1]))\n"
+        "a, b = torch.randn(2048, 2048), torch.randn(2048, 2048); a @ b\n"
+        "times = []\n"
+        f"for _ in range({repeats}):\n"
+        "    t = time.perf_counter(); a @ b; times.append(time.perf_counter() - t)\n"
+        "print(2 * 2048**3 / statistics.median(times) / 1e9)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
 
 
 def run_once(threads: int | None, overrides: list[str]) -> dict:
@@ -96,13 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"codeformer-train experiment=quickstart {' '.join(args.overrides)}; {os.cpu_count()} CPUs; "
           f"threads: {args.threads or 'default'}; budget {BUDGET_S:.0f} s")  # fmt: skip
     for k in range(args.repeats):
+        probe_before = matmul_gflops(args.threads)
         r = run_once(args.threads, args.overrides)
+        probe_after = matmul_gflops(args.threads)
         (b1, b5, _), (a1, a5, _) = r["load"]
         stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in r["stages"].items())
         print(
             f"run {k + 1}: wall {r['wall']:.1f} s ({r['wall'] / BUDGET_S:.2f} x budget), CPU {r['cpu']:.1f} s "
             f"(user + sys; {r['cpu'] / r['wall']:.2f} cores busy), load avg 1/5 min {b1:.1f}/{b5:.1f} before, "
-            f"{a1:.1f}/{a5:.1f} after\n  wall by part: {stages}\n"
+            f"{a1:.1f}/{a5:.1f} after\n  machine: 2048^2 fp32 matmul {probe_before:.0f} GFLOPS before, "
+            f"{probe_after:.0f} after\n  wall by part: {stages}\n"
             + "\n".join(f"  {line}" for line in r["table"].splitlines())
         )
 
