@@ -23,12 +23,18 @@ import argparse
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_restoration import Matmul  # noqa: E402
 
 BUDGET_S = 300.0
 _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[\w.]+\]\[\w+\] - (.*)$")
@@ -51,20 +57,13 @@ def _stage_times(log: str, start: float, end: float) -> dict[str, float]:
     return {name: marks[i + 1][1] - when for i, (name, when) in enumerate(starts)}
 
 
-def matmul_gflops(threads: int | None, repeats: int = 10) -> float:
-    """Median GFLOPS of a 2048x2048 fp32 matmul with ``threads`` torch threads (None: torch's default),
-    in a child process so that the benchmark's own interpreter holds no torch state."""
-    code = (
-        "import statistics, sys, time, torch\n"
-        "if sys.argv[1] != 'None': torch.set_num_threads(int(sys.argv[1]))\n"
-        "a, b = torch.randn(2048, 2048), torch.randn(2048, 2048); a @ b\n"
-        "times = []\n"
-        f"for _ in range({repeats}):\n"
-        "    t = time.perf_counter(); a @ b; times.append(time.perf_counter() - t)\n"
-        "print(2 * 2048**3 / statistics.median(times) / 1e9)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+def matmul_gflops(threads: int | None, probes: int = 5) -> float:
+    """Median GFLOPS of ``bench_restoration``'s matmul probe with ``threads`` torch threads (None:
+    torch's default), in this process: it only waits for the run in between."""
+    if threads:
+        torch.set_num_threads(threads)
+    probe = Matmul(torch.device("cpu"))
+    return statistics.median(probe() for _ in range(probes))
 
 
 def run_once(threads: int | None, overrides: list[str]) -> dict:
