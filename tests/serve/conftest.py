@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("litserve", reason="the [serve] extra (litserve) is not installed")
 
-from serve_helpers import ServerProcess, tiny_codeformer_config  # noqa: E402
+from serve_helpers import ServerProcess, stop_all, tiny_codeformer_config  # noqa: E402
 
 from codeformer_lightning.checkpoints import save_weights  # noqa: E402
 from codeformer_lightning.nn import CodeFormer  # noqa: E402
@@ -19,6 +19,14 @@ MAX_REQUEST_BYTES = 400_000
 MAX_PIXELS = 1_000_000
 MAX_IN_FLIGHT = 6
 MAX_BATCH_SIZE = 4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_server_outlives_the_tests():
+    """A test that fails or skips between starting a server and stopping it leaves it running (with
+    its worker processes); stop those when the session ends."""
+    yield
+    stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,11 @@ class ServerProcess:
     """``python -m <module> <args>`` with its output collected line by line.
 
     ``ready_line``: the text that says the server accepts requests. ``log``: everything printed.
+    Every instance is listed in ``started``, so that :func:`stop_all` can stop the ones a failed or
+    skipped test left running.
     """
+
+    started: list[ServerProcess] = []
 
     def __init__(self, module: str, args: list[str], ready_line: str, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -93,6 +97,7 @@ class ServerProcess:
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        ServerProcess.started.append(self)
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -123,3 +128,10 @@ class ServerProcess:
                 self.process.wait()
         self._reader.join(5)
         return self.process.returncode
+
+
+def stop_all() -> None:
+    """Stop every server the tests started that is still running (``stop`` of a stopped one is a no-op)."""
+    for process in ServerProcess.started:
+        process.stop()
+    ServerProcess.started.clear()

@@ -259,15 +259,11 @@ def _check_clean_shutdown(weights, sig: int) -> None:
     # a synthetic face, so that this runs without the shared photos: what is checked is the shutdown
     face = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     process = start_server(weights, max_batch_size=1)  # also exercises LitServe's unbatched loop
-    try:
-        answer = post_file(process.url, data=encode_image(face, "png"), aligned="true")
-        assert answer.status_code == 200 and answer.json()["batch"]["requests"] == 1, answer.text
-        children = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-                    for pid in descendants(process.process.pid)}
-        assert children, "expected HTTP and inference worker processes"
-    except BaseException:  # a failure (or skip) before the shutdown under test must not leave a server running
-        process.stop()
-        raise
+    answer = post_file(process.url, data=encode_image(face, "png"), aligned="true")
+    assert answer.status_code == 200 and answer.json()["batch"]["requests"] == 1, answer.text
+    children = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                for pid in descendants(process.process.pid)}
+    assert children, "expected HTTP and inference worker processes"
     started = time.monotonic()
     code = process.stop(sig, timeout=30)
     took = time.monotonic() - started
